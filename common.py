@@ -1,0 +1,252 @@
+"""Plumbing shared by every stage script: --key=value configs, run folders, metrics, checkpoints, DDP.
+
+Nothing here is machine learning. Each stage script (pretrain.py, sft.py, reward.py, ppo.py) reads
+top to bottom and calls these few helpers so that all stages follow the same conventions:
+
+- one flat `@dataclass Config` per script, overridden by `--key=value` on the command line;
+  an unknown key or a bad value is an error that names the valid keys / the option;
+- one output folder per run holding `config.json`, `metrics.jsonl` (one JSON object per logged
+  step), `summary.json` (final numbers), checkpoints and PNG plots drawn from metrics.jsonl;
+- checkpoints are plain dicts written atomically (temp file + rename) and loaded with
+  `torch.load(..., weights_only=True)`;
+- under `torchrun`, DistributedDataParallel with one process per device; rank 0 logs and saves.
+"""
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def _convert(name, text, kind):
+    """Turn the text of `--name=text` into a value of the field's type, or explain the problem."""
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            value = float(text)
+            if math.isnan(value):
+                raise ValueError("nan is not allowed")
+            return value
+        return str(text)
+    except ValueError as e:
+        raise SystemExit(f"error: option --{name}={text!r}: {e} (expected {kind.__name__})")
+
+
+def parse_config(config_cls, argv=None):
+    """Build `config_cls` from defaults plus `--key=value` overrides (argv defaults to sys.argv[1:])."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            if arg.startswith("--") and arg[2:] in fields and fields[arg[2:]].type is bool:
+                overrides[arg[2:]] = True  # a bare `--flag` switches a boolean on
+                continue
+            raise SystemExit(f"error: argument {arg!r} is not of the form --key=value; "
+                             f"valid keys: {', '.join(fields)}")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise SystemExit(f"error: unknown option --{key}; valid keys: {', '.join(fields)}")
+        overrides[key] = _convert(key, text, fields[key].type)
+    return config_cls(**overrides)
+
+
+def print_config(cfg):
+    width = max(len(f.name) for f in dataclasses.fields(cfg))
+    print(f"{type(cfg).__module__}.{type(cfg).__name__}:")
+    for f in dataclasses.fields(cfg):
+        print(f"  {f.name:<{width}} = {getattr(cfg, f.name)!r}")
+
+
+# ----------------------------------------------------------------------------- run folder, metrics
+
+class Metrics:
+    """Appends one JSON object per call to <out_dir>/metrics.jsonl (only on the main process)."""
+
+    def __init__(self, out_dir, resume=False, enabled=True):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled and not resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_path, png_path, keys, x="step", title=None):
+    """Draw one small panel per metric in `keys` from a metrics.jsonl file into a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r[x], r[key]) for r in rows if key in r and x in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
+        ax.set_title(key)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path!r} does not exist (run the stage that writes it "
+                         f"first, or pass its path)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise SystemExit(f"error: cannot read checkpoint {path!r}: {e}")
+
+
+def rng_state():
+    """Everything random in our loops comes from these two generators: save both for --resume."""
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def config_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+def ddp_setup(device="auto"):
+    """Returns (rank, world_size). Under torchrun, starts the process group: NCCL when the run uses
+    CUDA, gloo on CPU. CPU ranks get an equal share of the cores (one thread each on 2 cores): N
+    processes with torch's default thread count each oversubscribe the machine (ENV_NOTES: 2 x 2
+    threads on 2 cores run ~3x slower). An explicit --threads set after this call still wins."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    cuda = torch.cuda.is_available() and device.split(":")[0] in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL starts (one GPU per rank)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    # rank 0 alone runs the final evaluations while the others wait at ddp_cleanup's barrier:
+    # allow that an hour instead of NCCL's default 10 minutes
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ddp_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # without it, ~15% of gloo runs abort at exit (measured, ENV_NOTES)
+        dist.destroy_process_group()
+
+
+def ddp_barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (downloads, tokenises, writes caches); the other ranks wait, then
+    run it and find the files complete. A no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    if dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.get_rank() == 0:
+        dist.barrier()
+
+
+def all_reduce_sum(x):
+    """Sum a tensor over ranks (no-op in a single process). Returns the tensor."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def load_model(path, device="cpu"):
+    """A GPT from a pretrain/sft/ppo checkpoint (dict with "model" and "model_config")."""
+    from model import GPT, GPTConfig
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise SystemExit(f"error: {path!r} is not a policy checkpoint (no 'model'/'model_config' keys)")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt

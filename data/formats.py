@@ -1,0 +1,171 @@
+"""The pipeline's file formats: readers that validate every line, and atomic writers.
+
+Stages hand data to each other through these files (JSONL = one JSON object per line, UTF-8):
+
+    corpus.txt         plain text for pretraining, documents separated by one blank line
+    sft.jsonl          {"prompt": str, "response": str}                        demonstrations
+    prompts.jsonl      {"prompt": str, "record": {...} optional}               prompts for PPO and eval
+    comparisons.jsonl  {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "record": {...} optional}
+                       K >= 2 responses and their ranking as indices, best first (InstructGPT sec. 3.5
+                       has labelers rank K = 4..9 responses). The pairwise form of HH-RLHF and most DPO
+                       datasets, {"prompt", "chosen", "rejected"}, is read as
+                       responses = [chosen, rejected], ranking = [0, 1].
+
+Implementation details:
+1. A reader checks every line and raises ValueError naming the file, the 1-based line number and the
+   field, e.g. `data/sft.jsonl line 12: field "response" must be a non-empty string, got ""`: a bad
+   line should stop the run at load time, not as a KeyError in the middle of training.
+2. Blank lines are skipped but still counted, so line numbers match an editor's. A file with no
+   rows at all is an error: every stage needs at least one example.
+3. Fields beyond the required ones are kept, so a dataset can carry ids or metadata through.
+4. Writers are atomic (temp file + os.replace): an interrupted run never leaves a half-written file
+   that a later stage would take for a complete one.
+"""
+import json
+import os
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def _show(value):
+    """A short JSON rendering of a bad value for error messages."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error(path, lineno, message):
+    return ValueError(f"{path} line {lineno}: {message}")
+
+
+def _read_objects(path):
+    """[(line number, dict)] for the non-blank lines of a JSONL file; each line must be an object."""
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _error(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _error(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise _error(path, lineno, f"expected a JSON object, got a JSON {_JSON_TYPES.get(type(obj))}")
+            rows.append((lineno, obj))
+    if not rows:
+        raise ValueError(f"{path}: file is empty (expected one JSON object per line)")
+    return rows
+
+
+def _field(path, lineno, obj, key):
+    if key not in obj:
+        raise _error(path, lineno, f'field "{key}" is missing')
+    return obj[key]
+
+
+def _string(path, lineno, obj, key, nonempty=True):
+    value = _field(path, lineno, obj, key)
+    if not isinstance(value, str) or (nonempty and not value.strip()):
+        kind = "a non-empty string" if nonempty else "a string"
+        raise _error(path, lineno, f'field "{key}" must be {kind}, got {_show(value)}')
+    return value
+
+
+def _record(path, lineno, obj):
+    # optional: the embedded world's prompts carry what the gold judge needs; public data has none
+    if obj.get("record") is not None and not isinstance(obj["record"], dict):
+        raise _error(path, lineno, f'field "record" must be an object, got {_show(obj["record"])}')
+
+
+def read_sft(path):
+    """Demonstrations: [{"prompt": str, "response": str, ...}]."""
+    rows = []
+    for lineno, obj in _read_objects(path):
+        _string(path, lineno, obj, "prompt")
+        _string(path, lineno, obj, "response")
+        rows.append(obj)
+    return rows
+
+
+def read_prompts(path):
+    """Prompts for PPO / evaluation: [{"prompt": str, "record": dict (optional), ...}]."""
+    rows = []
+    for lineno, obj in _read_objects(path):
+        _string(path, lineno, obj, "prompt")
+        _record(path, lineno, obj)
+        rows.append(obj)
+    return rows
+
+
+def read_comparisons(path):
+    """Ranked responses: [{"prompt", "responses": [K >= 2 str], "ranking": best-first indices, ...}].
+
+    A pairwise row {"prompt", "chosen", "rejected"} comes back as responses=[chosen, rejected],
+    ranking=[0, 1]. Responses may be empty strings (a policy can answer with just the end token)."""
+    rows = []
+    for lineno, obj in _read_objects(path):
+        _string(path, lineno, obj, "prompt")
+        _record(path, lineno, obj)
+        if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
+            chosen = _string(path, lineno, obj, "chosen", nonempty=False)
+            rejected = _string(path, lineno, obj, "rejected", nonempty=False)
+            obj = {k: v for k, v in obj.items() if k not in ("chosen", "rejected")}
+            obj.update(responses=[chosen, rejected], ranking=[0, 1])
+        responses = _field(path, lineno, obj, "responses")
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            raise _error(path, lineno, f'field "responses" must be a list of at least 2 strings, got {_show(responses)}')
+        ranking = _field(path, lineno, obj, "ranking")
+        # type(i) is int: JSON true/false load as bools, which Python would happily sort as 1/0
+        if (not isinstance(ranking, list) or not all(type(i) is int for i in ranking)
+                or sorted(ranking) != list(range(len(responses)))):
+            raise _error(path, lineno, f'field "ranking" must be a permutation of 0..{len(responses) - 1} '
+                                       f'(indices into "responses", best first), got {_show(ranking)}')
+        rows.append(obj)
+    return rows
+
+
+def read_corpus(path):
+    """The pretraining text (UTF-8, documents separated by a blank line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise _error(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start}); "
+                                   "convert the file to UTF-8 first") from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # editors on Windows add a BOM and CRLF
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty (expected the pretraining text)")
+    return text
+
+
+def _write_atomically(path, chunks):
+    """Write an iterable of strings to a temp file, then os.replace it onto path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        # backslashreplace: a lone surrogate (legal in JSON, e.g. "\ud83d") is written back as its
+        # \uXXXX escape, so any string that json.loads produced survives the round trip
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, non-ASCII text kept readable, written atomically."""
+    _write_atomically(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_corpus(path, text):
+    """The pretraining text, written atomically."""
+    _write_atomically(path, [text])

@@ -1,0 +1,163 @@
+"""Reward over-optimisation (Gao et al. 2022) in the embedded world: proxy up, gold up then down.
+
+    python overopt.py                          # after pipeline.py; ~10 minutes on 2 CPU cores
+    python overopt.py --ppo_iterations=0       # best-of-n only (~1 minute)
+
+The reward model is a proxy for the gold judge. Optimising the proxy harder moves the policy further
+from SFT (KL), and past some distance the gold score falls while the proxy keeps rising. We measure
+both curves against d = sqrt(KL(policy || SFT)) as Gao et al. do:
+1. Best-of-n: for n = 1, 2, 4, ..., n_max pick the SFT sample with the highest RM score;
+   KL = log n - (n-1)/n (exact for best-of-n). Each prompt's n_max samples are split into groups of n
+   so every n uses all samples. Fit gold(d) - gold(0) = d (a - b d).
+2. RL: PPO with beta = 0 (no KL penalty) run long, logging proxy reward, gold and the sampled KL to the
+   reference every iteration. Fit gold(d) - gold(0) = d (a - b log d) for d >= 0.3.
+3. Examples of the answers PPO without a KL penalty ends up with, with their proxy and gold scores.
+Deviation from the paper: one RM size, one seed, and the RL curve is a single run's trajectory
+(Gao et al. fit across checkpoints of many runs).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import load_model, parse_config, print_config, read_jsonl, write_json
+from data.formats import read_prompts
+from data.world import judge
+from evaluate import generate_answers
+from model import pick_device
+from reward import best_of_n, load_reward_model, score_texts
+from tokenizer import get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = os.path.join(HERE, "runs")
+
+
+@dataclass
+class Config:
+    sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the policy to sample from (and PPO's start)
+    reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # the proxy
+    prompts: str = os.path.join(HERE, "data", "world", "prompts_eval.jsonl")  # held-out prompts with records
+    out_dir: str = os.path.join(RUNS, "overopt")
+    n_prompts: int = 100  # prompts for best-of-n
+    n_max: int = 128  # largest n (samples per prompt)
+    ppo_iterations: int = 150  # PPO with beta = 0 (0 = skip the RL curve)
+    ppo_lr: float = 5e-5  # a little above the default so the run travels far enough
+    temperature: float = 1.0
+    seed: int = 1337
+    device: str = "auto"
+
+
+def fit_bon(d, gain):
+    """Least squares for gain = d (a - b d) = a d - b d^2. Returns (a, b)."""
+    A = np.stack([d, -d ** 2], 1)
+    return tuple(np.linalg.lstsq(A, gain, rcond=None)[0])
+
+
+def fit_rl(d, gain):
+    """Least squares for gain = d (a - b log d) = a d - b d log d. Returns (a, b)."""
+    A = np.stack([d, -d * np.log(d)], 1)
+    return tuple(np.linalg.lstsq(A, gain, rcond=None)[0])
+
+
+def plot(bon, rl, fits, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 if rl else 1, figsize=(11 if rl else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    d = np.array([math.sqrt(r["kl"]) for r in bon])
+    ax.plot(d, [r["gold_mean"] for r in bon], "o", color="C0", label="gold (best-of-n by RM)")
+    dd = np.linspace(0, d.max(), 100)
+    a, b = fits["bon"]
+    ax.plot(dd, bon[0]["gold_mean"] + dd * (a - b * dd), "-", color="C0", alpha=0.6, label=f"fit d({a:.2f} - {b:.2f} d)")
+    ax2 = ax.twinx()
+    ax2.plot(d, [r["proxy_reward"] for r in bon], "s--", color="C3", label="proxy (RM score)")
+    ax.set_xlabel("d = sqrt(KL to SFT), KL = log n - (n-1)/n")
+    ax.set_ylabel("gold score")
+    ax2.set_ylabel("proxy reward", color="C3")
+    ax.set_title("best-of-n")
+    ax.legend(loc="lower left", fontsize=8)
+    if rl:
+        ax = axes[0, 1]
+        d = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
+        ax.plot(d, [r["gold"] for r in rl], ".", color="C0", label="gold")
+        if "rl" in fits:
+            a, b = fits["rl"]
+            dd = np.linspace(0.3, max(d.max(), 0.31), 100)
+            ax.plot(dd, rl[0]["gold"] + dd * (a - b * np.log(dd)), "-", color="C0", alpha=0.6,
+                    label=f"fit d({a:.2f} - {b:.2f} log d)")
+        ax2 = ax.twinx()
+        ax2.plot(d, [r["reward"] for r in rl], ".", color="C3", label="proxy")
+        ax2.set_ylabel("proxy reward", color="C3")
+        ax.set_xlabel("d = sqrt(KL to SFT) (sampled, per answer)")
+        ax.set_ylabel("gold score")
+        ax.set_title("PPO with beta = 0")
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main():
+    cfg = parse_config(Config)
+    print_config(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    dev = pick_device(cfg.device)
+    policy, ckpt = load_model(cfg.sft, dev.device)
+    tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
+    rm, _ = load_reward_model(cfg.reward_model, dev.device)
+    rows = [r for r in read_prompts(cfg.prompts) if r.get("record")][:cfg.n_prompts]
+    ns = [2 ** i for i in range(int(math.log2(cfg.n_max)) + 1)]
+    print(f"sampling {cfg.n_max} answers for each of {len(rows)} prompts ...")
+    samples = generate_answers(policy, tok, [r["prompt"] for r in rows], n=cfg.n_max, temperature=cfg.temperature,
+                               seed=cfg.seed, device=dev.device)
+    flat = score_texts(rm, tok, [r["prompt"] for r, a in zip(rows, samples) for _ in a],
+                       [x["text"] for a in samples for x in a], [x["ended"] for a in samples for x in a], dev.device)
+    rewards = [flat[i * cfg.n_max:(i + 1) * cfg.n_max] for i in range(len(rows))]
+    bon = best_of_n([r["record"] for r in rows], samples, rewards, ns)
+    for r in bon:
+        print(f"n={r['n']:4d} d={math.sqrt(r['kl']):.2f} proxy {r['proxy_reward']:+.3f} gold {r['gold_mean']:.3f} "
+              f"pass {r['pass_rate']:.3f}")
+    d = np.array([math.sqrt(r["kl"]) for r in bon])
+    gain = np.array([r["gold_mean"] - bon[0]["gold_mean"] for r in bon])
+    fits = {"bon": fit_bon(d, gain)}
+    summary = {"best_of_n": bon, "fit_bon": {"a": fits["bon"][0], "b": fits["bon"][1]}}
+
+    rl = []
+    if cfg.ppo_iterations:
+        import ppo
+        ppo_dir = os.path.join(cfg.out_dir, "ppo_beta0")
+        ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, out_dir=ppo_dir, beta=0.0,
+                             iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="", seed=cfg.seed,
+                             device=cfg.device))
+        rl = read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
+        d_rl = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
+        g_rl = np.array([r["gold"] - rl[0]["gold"] for r in rl])
+        keep = d_rl >= 0.3
+        if keep.sum() >= 3:
+            fits["rl"] = fit_rl(d_rl[keep], g_rl[keep])
+            summary["fit_rl"] = {"a": fits["rl"][0], "b": fits["rl"][1]}
+        peak = max(range(len(rl)), key=lambda i: rl[i]["gold"])
+        summary["rl"] = {"gold_start": rl[0]["gold"], "gold_peak": rl[peak]["gold"], "peak_iteration": rl[peak]["iteration"],
+                         "kl_at_peak": rl[peak]["kl_to_ref"], "gold_end": rl[-1]["gold"], "kl_end": rl[-1]["kl_to_ref"],
+                         "proxy_start": rl[0]["reward"], "proxy_end": rl[-1]["reward"]}
+        print("RL without KL penalty:", json.dumps(summary["rl"]))
+        hacked, _ = load_model(os.path.join(ppo_dir, "ckpt.pt"), dev.device)
+        ans = generate_answers(hacked, tok, [r["prompt"] for r in rows[:12]], n=1, seed=cfg.seed, device=dev.device)
+        proxy = score_texts(rm, tok, [r["prompt"] for r in rows[:12]], [a[0]["text"] for a in ans],
+                            [a[0]["ended"] for a in ans], dev.device)
+        summary["hacked_examples"] = [{"prompt": r["prompt"], "answer": a[0]["text"], "proxy": p,
+                                       "gold": judge(r["record"], a[0]["text"], a[0]["ended"])["score"]}
+                                      for r, a, p in zip(rows[:12], ans, proxy)]
+        for e in summary["hacked_examples"]:
+            print(f"  proxy {e['proxy']:+.2f} gold {e['gold']:.2f} | {e['prompt']} -> {e['answer']}")
+    plot(bon, rl, fits, os.path.join(cfg.out_dir, "overoptimization.png"))
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    print(f"wrote {os.path.join(cfg.out_dir, 'overoptimization.png')} and summary.json")
+
+
+if __name__ == "__main__":
+    main()

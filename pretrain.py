@@ -1,0 +1,279 @@
+"""Pretraining: the base model (the "GPT-3" of the InstructGPT story).
+
+    python pretrain.py                              # embedded world, ~4 minutes on 2 CPU cores
+    python pretrain.py --max_steps=50 --out_dir=runs/tiny
+    python pretrain.py --init_from=gpt2 --corpus=my.txt --tokenizer=gpt2   # GPU + internet
+
+A plain next-token language model trained on a text corpus. It learns the language and the facts of
+its world, good and bad behaviour alike, but nothing about being an assistant: the corpus never
+contains the chat markers, which SFT (sft.py) introduces.
+
+Implementation details:
+1. The corpus is tokenised once into uint16 train/val files (documents separated by a blank line,
+   each preceded by <|endoftext|> as in GPT-2's training data); later runs reuse them.
+2. Batches are random windows of block_size + 1 tokens drawn with a seeded torch.Generator whose
+   state is saved in the checkpoint, so `--resume` reproduces the uninterrupted run on CPU.
+3. AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr, gradient
+   clipping, gradient accumulation; validation loss every eval_interval steps with a few samples.
+4. Under torchrun every rank draws the same global batch and trains on its slice (DDP averages the
+   gradients), so N processes follow the single-process run on the same global batch.
+5. summary.json compares the final validation loss with the corpus's unigram entropy: a model that
+   learned nothing but word frequencies would sit at that entropy.
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import (Metrics, all_reduce_mean, config_dict, ddp_cleanup, ddp_setup, load_checkpoint,
+                    parse_config, plot_metrics, print_config, rank0_first, rng_state, save_checkpoint,
+                    set_rng_state, set_seed, write_json)
+from model import GPT, GPTConfig, pick_device
+from tokenizer import get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Config:
+    corpus: str = os.path.join(HERE, "data", "world", "corpus.txt")  # plain-text corpus
+    tokenizer: str = "embedded"  # embedded | gpt2 | path to a .tiktoken file
+    out_dir: str = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | a local HF GPT-2 folder
+    n_layer: int = 4  # model shape when init_from=scratch
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # context length in tokens
+    dropout: float = 0.0  # off by default: tiny models on tiny data do not need it
+    batch_size: int = 32  # sequences per optimizer step (global, across ranks and accumulation)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 2e-4  # cosine decay floor
+    warmup_steps: int = 100  # linear warmup
+    weight_decay: float = 0.1  # AdamW, on 2-D weights only
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    val_fraction: float = 0.02  # tail of the corpus held out for validation
+    eval_interval: int = 200  # steps between validation losses and samples
+    eval_batches: int = 10  # batches per validation estimate
+    log_interval: int = 20  # steps between log lines
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    compile: bool = False  # torch.compile (CUDA only)
+    threads: int = 0  # torch CPU threads (0 = leave torch's default)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
+    """Tokenise once into uint16 train.bin / val.bin (cached in out_dir/tokens)."""
+    tok_dir = os.path.join(out_dir, "tokens")
+    train_path, val_path = os.path.join(tok_dir, "train.bin"), os.path.join(tok_dir, "val.bin")
+    stamp = f"{os.path.abspath(corpus_path)} {os.path.getmtime(corpus_path)} {tok.name} {val_fraction}"
+    stamp_path = os.path.join(tok_dir, "source.txt")
+    if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
+        return np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
+    assert tok.n_vocab < 2 ** 16, "uint16 token files need a vocabulary below 65536"
+    with open(corpus_path, encoding="utf-8") as f:
+        docs = [d for d in f.read().split("\n\n") if d.strip()]
+    if not docs:
+        raise SystemExit(f"error: corpus {corpus_path!r} is empty")
+    ids = []
+    for doc_ids in tok.enc.encode_ordinary_batch(docs):
+        ids.append(tok.eot_id)
+        ids.extend(doc_ids)
+    ids = np.array(ids, dtype=np.uint16)
+    n_val = max(int(len(ids) * val_fraction), 1024)
+    os.makedirs(tok_dir, exist_ok=True)
+    ids[:-n_val].tofile(train_path)
+    ids[-n_val:].tofile(val_path)
+    with open(stamp_path, "w") as f:
+        f.write(stamp)
+    print(f"tokenised {corpus_path}: {len(ids):,} tokens ({len(ids) - n_val:,} train, {n_val:,} val)")
+    return np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
+
+
+def get_batch(data, batch_size, block_size, generator):
+    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    return x, y  # (B, T), (B, T)
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def unigram_entropy(data):
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(data), minlength=1).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def make_optimizer(model, lr, weight_decay, device_type="cpu"):
+    """AdamW with decay on matrices (2-D) only, not on biases and LayerNorm gains (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+
+
+def build_model(cfg, tok):
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    model = GPT.from_pretrained(cfg.init_from)
+    if model.config.vocab_size < tok.n_vocab:
+        model.resize_vocab(tok.n_vocab)  # room for the chat special tokens
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, dev, generator):
+    model.eval()
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = get_batch(val, cfg.batch_size, cfg.block_size, generator)
+        with dev.autocast():
+            losses.append(model(x.to(dev.device), y.to(dev.device))[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample_text(model, tok, prompt, dev, max_new_tokens=40, seed=0):
+    model.eval()
+    idx = torch.tensor([[tok.eot_id] + tok.encode(prompt)], device=dev.device)
+    gen = torch.Generator(device=dev.device).manual_seed(seed)
+    out, _ = model.generate(idx, max_new_tokens=max_new_tokens, temperature=0.8, eos_id=tok.eot_id,
+                            pad_id=tok.pad_id, generator=gen)
+    model.train()
+    return prompt + tok.decode([t for t in out[0].tolist() if t not in (tok.eot_id, tok.pad_id)])
+
+
+def train(cfg):
+    rank, world = ddp_setup(cfg.device)
+    master = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    dev = pick_device(cfg.device, cfg.dtype, cfg.compile)
+    tok = get_tokenizer(cfg.tokenizer)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with rank0_first():  # one rank writes the token cache (and downloads GPT-2), the others then read it
+        train_data, val_data = tokenize_corpus(cfg.corpus, tok, cfg.out_dir, cfg.val_fraction)
+        model = build_model(cfg, tok).to(dev.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by world size x grad_accum "
+                         f"({world} x {cfg.grad_accum})")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    val_gen_seed = cfg.seed + 1
+    step, history = 0, []
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        data_gen.set_state(ckpt["data_rng"])
+        step, history = ckpt["step"], ckpt["history"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model
+    if dev.compile:  # compile, then wrap (nanoGPT's order): require_backward_grad_sync below must reach DDP
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    metrics = Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
+    if master:
+        print_config(cfg)
+        print(f"model: {raw_model.num_params():,} parameters; corpus: {len(train_data):,} train tokens; "
+              f"{cfg.batch_size * cfg.block_size:,} tokens per step")
+
+    def save(step):
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
+                "config": config_dict(cfg), "tokenizer": cfg.tokenizer, "step": step,
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "data_rng": data_gen.get_state(),
+                "history": history})
+
+    t0, t_last, tokens_seen = time.time(), time.time(), 0
+    model.train()
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x_all, y_all = get_batch(train_data, cfg.batch_size, cfg.block_size, data_gen)  # global batch
+        x_all, y_all = x_all[rank * micro * cfg.grad_accum:], y_all[rank * micro * cfg.grad_accum:]
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            x = x_all[k * micro:(k + 1) * micro].to(dev.device)
+            y = y_all[k * micro:(k + 1) * micro].to(dev.device)
+            if world > 1:
+                model.require_backward_grad_sync = k == cfg.grad_accum - 1
+            with dev.autocast():
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.batch_size * cfg.block_size
+        train_loss = all_reduce_mean(torch.tensor(loss_sum, device=dev.device)).item()  # NCCL needs a GPU tensor
+        row = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = time.time() - t_last
+            row["tokens_per_sec"] = cfg.log_interval * cfg.batch_size * cfg.block_size / max(dt, 1e-9)
+            t_last = time.time()
+            if master:
+                print(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.2f} | "
+                      f"{row['tokens_per_sec']:,.0f} tok/s")
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_gen = torch.Generator().manual_seed(val_gen_seed)
+            row["val_loss"] = evaluate(raw_model, val_data, cfg, dev, val_gen)
+            if master:
+                print(f"step {step:5d} | val loss {row['val_loss']:.4f}")
+                if cfg.tokenizer == "embedded":
+                    print("   sample:", sample_text(raw_model, tok, "question: what is 3 plus 4?\nanswer:", dev)
+                          .replace("\n", " / "))
+            save(step)
+        metrics.log(**row)
+        history.append({k: row[k] for k in ("step", "train_loss") if k in row}
+                       | ({"val_loss": row["val_loss"]} if "val_loss" in row else {}))
+
+    elapsed = time.time() - t0
+    val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)
+    summary = {"val_loss": val_loss, "train_loss": history[-1]["train_loss"] if history else None,
+               "unigram_entropy": unigram_entropy(train_data), "steps": step,
+               "params": raw_model.num_params(), "train_tokens": int(len(train_data)),
+               "seconds": round(elapsed, 1), "tokens_per_sec": round(tokens_seen / max(elapsed, 1e-9))}
+    if master:
+        save(step)
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
+                     ["train_loss", "val_loss", "lr"], title="pretraining")
+        print(f"done: val loss {val_loss:.4f} (unigram entropy {summary['unigram_entropy']:.3f}) "
+              f"in {elapsed:.0f}s")
+    ddp_cleanup()
+    return raw_model, history
+
+
+def main():
+    train(parse_config(Config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Step 1 of InstructGPT: supervised fine-tuning (SFT) on demonstrations.
+
+    python sft.py                                    # embedded world, ~1.5 minutes on 2 CPU cores
+    python sft.py --init_from=gpt2 --train_data=alpaca/sft.jsonl --val_data=... --prompts=""
+
+Take the pretrained model and teach it the assistant format from (prompt, response) demonstrations:
+
+    <|user|> {prompt}<|assistant|> {response}<|end|>
+
+Implementation details:
+1. The next-token loss counts the response tokens and the <|end|> token only; prompt and padding
+   targets are -100 (Ouyang et al. 2022 train SFT on labeler demonstrations; masking the prompt is
+   the standard choice). A demonstration marked "ended": false (a demonstrator that never stops)
+   gets no <|end|>, so the model also learns that flaw, on purpose.
+2. The loss is a token mean over the whole global batch: each rank sums its token losses and divides
+   by the all-reduced token count, so under torchrun the gradient equals the single-process one.
+   A batch whose targets are all masked contributes zero loss, never NaN.
+3. Right-padded batches (causal attention never lets a real token see the padding that follows it),
+   AdamW, warmup then cosine decay, gradient clipping, validation loss on held-out demonstrations,
+   atomic checkpoints and `--resume` (the data order is a seeded permutation per epoch).
+4. Evaluation on the held-out prompts: answers sampled at temperature 1 (8 per prompt) and greedy,
+   scored by the gold judge, next to the base model's.
+Simplifications: no sequence packing (answers are short; padding costs little here).
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import (Metrics, all_reduce_sum, config_dict, ddp_cleanup, ddp_setup, load_checkpoint,
+                    load_model, parse_config, plot_metrics, print_config, rank0_first, rng_state,
+                    save_checkpoint, set_rng_state, set_seed, write_json)
+from data.formats import read_prompts, read_sft
+from evaluate import evaluate_policy
+from model import GPT, pick_device
+from pretrain import lr_at, make_optimizer
+from tokenizer import get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = os.path.join(HERE, "data", "world")
+
+
+@dataclass
+class Config:
+    init_from: str = os.path.join(HERE, "runs", "pretrain", "ckpt.pt")  # pretrain checkpoint, or gpt2 / HF folder
+    tokenizer: str = ""  # "" = the one stored in the checkpoint (gpt2 for GPT-2 weights)
+    train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
+    val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss
+    prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts with gold records ("" = skip)
+    out_dir: str = os.path.join(HERE, "runs", "sft")
+    epochs: int = 3  # passes over the demonstrations
+    batch_size: int = 32  # demonstrations per optimizer step (global)
+    lr: float = 5e-4  # peak learning rate
+    min_lr: float = 5e-5  # cosine floor
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # dropout during SFT (the model config's value is replaced)
+    eval_interval: int = 100  # steps between validation losses
+    eval_samples: int = 8  # sampled answers per held-out prompt for the gold evaluation
+    eval_base: bool = True  # also evaluate the starting model, for the before/after table
+    max_new_tokens: int = 48
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+def build_example(tok, prompt, response, ended=True, block_size=None):
+    """Token ids and next-token targets: only the response (and <|end|>) tokens are targets."""
+    prompt_ids, response_ids = tok.render_chat(prompt, response)
+    if not ended:
+        response_ids = response_ids[:-1]  # this demonstration never ends
+    ids = prompt_ids + response_ids
+    targets = [-100] * (len(prompt_ids) - 1) + response_ids  # target at t predicts ids[t + 1]
+    if block_size is not None:
+        ids = ids[:block_size + 1]
+        targets = targets[:block_size]
+    return ids[:-1], targets
+
+
+def collate(examples, pad_id):
+    """Right-pad (inputs, targets) pairs: x (B, T), y (B, T) with -100 on padding."""
+    T = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (xi, yi) in enumerate(examples):
+        x[i, :len(xi)] = torch.tensor(xi)
+        y[i, :len(yi)] = torch.tensor(yi)
+    return x, y
+
+
+def masked_nll_sum(logits, targets):
+    """Sum of -log p(target) over positions whose target is not -100, and how many there are."""
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+def load_policy(init_from, device):
+    """(model, tokenizer name) from one of our checkpoints or from GPT-2 weights."""
+    if init_from.endswith(".pt"):
+        model, ckpt = load_model(init_from, device)
+        return model, ckpt.get("tokenizer", "embedded")
+    return GPT.from_pretrained(init_from).to(device), "gpt2"
+
+
+@torch.no_grad()
+def val_loss(model, examples, pad_id, batch_size, device):
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        x, y = collate(examples[b:b + batch_size], pad_id)
+        logits, _ = model(x.to(device))
+        loss, n = masked_nll_sum(logits, y.to(device))
+        total, count = total + loss.item(), count + n.item()
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg):
+    rank, world = ddp_setup(cfg.device)
+    master = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    dev = pick_device(cfg.device, cfg.dtype)
+    with rank0_first():  # GPT-2 weights: one rank downloads, the others read the cache
+        model, tok_name = load_policy(cfg.init_from, dev.device)
+    tok = get_tokenizer(cfg.tokenizer or tok_name)
+    if model.config.vocab_size < tok.n_vocab:
+        model.resize_vocab(tok.n_vocab)
+    model.config.dropout = cfg.dropout
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    block = model.config.block_size
+    train_ex = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block)
+                for r in read_sft(cfg.train_data)]
+    val_ex = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block)
+              for r in read_sft(cfg.val_data)] if cfg.val_data else []
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    max_steps = cfg.epochs * steps_per_epoch
+    sched = type("S", (), {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
+                           "max_steps": max_steps})
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("record")] if cfg.prompts else []
+    base_eval = None
+    if master and eval_rows and cfg.eval_base and not cfg.resume:
+        print("evaluating the starting model on the held-out prompts ...")
+        base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
+    step, history = 0, []
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step, history, base_eval = ckpt["step"], ckpt["history"], ckpt.get("base_eval")
+        print(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    metrics = Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
+    if master:
+        print_config(cfg)
+        print(f"{len(train_ex):,} demonstrations, {len(val_ex):,} for validation; {max_steps} steps")
+
+    def save(step):
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
+                "config": config_dict(cfg), "tokenizer": tok.name, "step": step,
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                "base_eval": base_eval})
+
+    t0 = time.time()
+    model.train()
+    while step < max_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+        # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
+        mine = batch_idx[rank::world]
+        lr = lr_at(step, sched)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = collate([train_ex[j] for j in mine or batch_idx[:1]], tok.pad_id)
+        if not mine:  # fewer examples than ranks: a fully masked dummy (zero loss) keeps DDP's all-reduce in step
+            y.fill_(-100)
+        n_global = all_reduce_sum((y != -100).sum().to(dev.device)).clamp(min=1)
+        with dev.autocast():
+            logits, _ = model(x.to(dev.device))
+        loss_sum, _ = masked_nll_sum(logits, y.to(dev.device))
+        # token mean over the GLOBAL batch; x world because DDP averages gradients over ranks
+        (loss_sum / n_global * world).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = all_reduce_sum(loss_sum.detach().clone()).item() / n_global.item()
+        row = {"step": step, "epoch": epoch, "train_loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        if step % cfg.eval_interval == 0 or step == max_steps:
+            if val_ex:
+                row["val_loss"] = val_loss(raw_model, val_ex, tok.pad_id, 64, dev.device)
+            if master:
+                print(f"step {step:5d}/{max_steps} | loss {loss:.4f} | val {row.get('val_loss', float('nan')):.4f} "
+                      f"| lr {lr:.2e} | {time.time() - t0:.0f}s")
+            save(step)
+        metrics.log(**row)
+        history.append({k: v for k, v in row.items() if k in ("step", "train_loss", "val_loss")})
+
+    summary = {"steps": step, "train_loss": history[-1]["train_loss"] if history else None,
+               "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+               "train_seconds": round(time.time() - t0, 1)}
+    if master and eval_rows:
+        print("evaluating the SFT model on the held-out prompts ...")
+        sft_eval = evaluate_policy(raw_model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
+        for name, res in (("base", base_eval), ("sft", sft_eval)):
+            if res is None:
+                continue
+            for mode in ("sampled", "greedy"):
+                r = res[mode]
+                summary[f"{name}_{mode}_gold_mean"] = round(r["gold_mean"], 4)
+                summary[f"{name}_{mode}_pass_rate"] = round(r["pass_rate"], 4)
+                print(f"{name:5s} {mode:8s} gold mean {r['gold_mean']:.3f} | pass {r['pass_rate']:.3f} | "
+                      f"by task {r['pass_by_task']}")
+        summary["sft_facets_sampled"] = {k: v for k, v in sft_eval["sampled"].items() if not k.startswith("_")}
+        examples = []
+        for row_, ans in list(zip(eval_rows, sft_eval["_sampled_answers"]))[:8]:
+            examples.append({"prompt": row_["prompt"], "sft": ans[0]["text"]})
+        summary["examples"] = examples
+    if master:
+        save(step)
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
+                     ["train_loss", "val_loss", "lr"], title="SFT")
+    ddp_cleanup()
+    return raw_model, history
+
+
+def main():
+    train(parse_config(Config))
+
+
+if __name__ == "__main__":
+    main()
