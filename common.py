@@ -186,7 +186,8 @@ def ddp_setup(device="auto"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL starts (one GPU per rank)
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local_world))
     # rank 0 alone runs the final evaluations while the others wait at ddp_cleanup's barrier:
     # allow that an hour instead of NCCL's default 10 minutes
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60))

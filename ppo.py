@@ -294,6 +294,11 @@ def train(cfg):
         paths = [os.path.join(cfg.pretrain_tokens, f) for f in ("train.bin", "val.bin")]
         if all(os.path.exists(p) for p in paths):
             ptx = [np.memmap(p, np.uint16, "r") for p in paths]
+            if int(ptx[1].max()) >= policy.config.vocab_size:  # tokens of another tokenizer
+                if cfg.ptx_coef > 0:
+                    raise SystemExit(f"error: {paths[1]} holds token ids beyond the policy's vocabulary "
+                                     f"({policy.config.vocab_size}): pass --pretrain_tokens of its tokenizer")
+                ptx = None
         elif cfg.ptx_coef > 0:
             raise SystemExit(f"error: --ptx_coef needs {paths[0]} (run pretrain.py first)")
 
@@ -406,12 +411,12 @@ def train(cfg):
         sums = all_reduce_sum(torch.tensor([ro["raw_scores"].sum().item(), seq_kl.sum().item(),
                                             rmask.sum().item(), ro["ended"].float().sum().item(), n,
                                             sum(j["score"] for j in judged), sum(j["pass"] for j in judged),
-                                            float(len(judged))], device=device)).tolist()
+                                            float(len(judged)), scores.sum().item()], device=device)).tolist()
         N = sums[4]
         keys = list(stats[0])  # the same keys in the same order on every rank
         update = all_reduce_mean(torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys]
                                               + [stats[0]["ratio"], stats[0]["approx_kl"]], device=device)).tolist()
-        row = {"iteration": it, "reward": sums[0] / N, "kl_to_ref": sums[1] / N, "beta": beta,
+        row = {"iteration": it, "reward": sums[8] / N, "rm_score": sums[0] / N, "kl_to_ref": sums[1] / N, "beta": beta,
                "answer_length": sums[2] / N, "eos_rate": sums[3] / N,
                "explained_variance": explained_variance(old_values, returns, rmask),
                "first_ratio": update[-2], "first_approx_kl": update[-1],

@@ -72,6 +72,9 @@ def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
     """Tokenise once into uint16 train.bin / val.bin (cached in out_dir/tokens)."""
     tok_dir = os.path.join(out_dir, "tokens")
     train_path, val_path = os.path.join(tok_dir, "train.bin"), os.path.join(tok_dir, "val.bin")
+    if not os.path.isfile(corpus_path):
+        raise SystemExit(f"error: --corpus={corpus_path!r} does not exist (build the embedded world with "
+                         f"`python -m data.world`, or pass a plain-text file)")
     stamp = f"{os.path.abspath(corpus_path)} {os.path.getmtime(corpus_path)} {tok.name} {val_fraction}"
     stamp_path = os.path.join(tok_dir, "source.txt")
     if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:

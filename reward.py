@@ -26,6 +26,7 @@ Implementation details:
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
 is the SFT model (as in Stiennon et al. 2020), one run, and the labelers are simulated.
 """
+import copy
 import math
 import os
 import random
@@ -67,8 +68,8 @@ class Config:
     val_fraction: float = 0.1  # held-out comparisons (by prompt)
     epochs: int = 2  # passes over the comparisons
     batch_size: int = 16  # prompts (each with all its K answers) per optimizer step
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    lr: float = 1e-4
+    min_lr: float = 1e-5
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -319,7 +320,7 @@ def train(cfg):
     val = [comps[i] for i in perm[:n_val]]
     train_set = [comps[i] for i in perm[n_val:]]
 
-    rm = RewardModel(policy).to(dev.device)
+    rm = RewardModel(copy.deepcopy(policy)).to(dev.device)  # its own trunk: `policy` still samples best-of-n
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")

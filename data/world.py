@@ -114,6 +114,7 @@ HARMFUL = [
 FAMILIES = {"add": 0.15, "bigger": 0.11, "count": 0.11, "lookup": 0.13, "sort": 0.1, "greet": 0.05,
             "howto": 0.12, "harmful": 0.1, "lookalike": 0.13}
 QA = ("add", "bigger", "count", "lookup", "sort")
+LOOKUP_ONE_OBJECT = 0.6  # share of lookup prompts that name a single object
 MAX_WORDS = 7          # the "at most N words" instruction on how-to style prompts
 LENGTH_LIMIT = {"add": 14, "bigger": 14, "count": 14, "lookup": 14, "sort": 16, "greet": 16,
                 "howto": 22, "lookalike": 22, "harmful": 16}
@@ -128,6 +129,8 @@ TEMPLATES = {
               "i have {items}. how many things is that?"],
     "lookup": ["{name} has a {c1} {o1} and a {c2} {o2}. what color is the {ask}?",
                "{name} owns a {c1} {o1} and a {c2} {o2}. what color is {name}'s {ask}?"],
+    "lookup1": ["{name} has a {c1} {o1}. what color is the {ask}?",
+                "{name} owns a {c1} {o1}. what color is {name}'s {ask}?"],
     "sort": ["sort these numbers from smallest to largest: {nums}.", "put {nums} in order, smallest first.",
              "order these numbers: {nums}."],
     "howto": ["how do i {topic}?", "what is the best way to {topic}?", "can you tell me how to {topic}?"],
@@ -161,10 +164,12 @@ def _sample_args(rng, task):
     if task == "count":
         items = rng.sample(ITEMS, rng.randint(2, 6))
         return {"items": items, "template": rng.randrange(3)}, items
-    if task == "lookup":
+    if task == "lookup":  # one object, or two (binding a colour to the right object is harder)
         o1, o2 = rng.sample(OBJECTS, 2)
         c1, c2 = rng.sample(COLORS, 2)
-        ask = rng.choice([o1, o2])
+        if rng.random() < LOOKUP_ONE_OBJECT:
+            o2 = c2 = None
+        ask = rng.choice([o1, o2]) if o2 else o1
         args = {"name": rng.choice(NAMES), "c1": c1, "o1": o1, "c2": c2, "o2": o2, "ask": ask,
                 "template": rng.randrange(2)}
         return args, [args["name"], c1, o1, c2, o2, ask]
@@ -209,7 +214,7 @@ def prompt_text(record):
         table = {"howto": HOWTO, "lookalike": LOOKALIKE, "harmful": HARMFUL}[task]
         text = TEMPLATES[task][a["template"]].format(topic=table[a["topic"]][0])
     else:
-        text = TEMPLATES[task][a["template"]].format(**a)
+        text = TEMPLATES[task + ("1" if task == "lookup" and not a["o2"] else "")][a["template"]].format(**a)
     if record["format"]:
         text += FORMAT_TEXT[record["format"]][a.get("format_template", 0)]
     return text
@@ -241,9 +246,9 @@ def content_sentences(record, value):
     """Full-sentence answers stating `value` (a bare answer string) for a QA record."""
     a, task = record["args"], record["task"]
     if task == "add":
-        return [f"{a['a']} {a['op']} {a['b']} is {value}.", f"the answer is {value}."]
+        return [f"the answer is {value}.", f"that makes {value}."]
     if task == "bigger":
-        return [f"the bigger number is {value}.", f"of {a['a']} and {a['b']}, the bigger one is {value}."]
+        return [f"the bigger number is {value}.", f"the bigger one is {value}."]
     if task == "count":
         return [f"there are {value} items.", f"the list has {value} items."]
     if task == "lookup":
@@ -255,7 +260,7 @@ def wrong_value(record, rng):
     task, right = record["task"], answer(record)
     if task == "lookup":
         a = record["args"]
-        other = a["c2"] if right == a["c1"] else a["c1"]
+        other = (a["c2"] if right == a["c1"] else a["c1"]) or rng.choice([c for c in COLORS if c != right])
         return rng.choice([other, rng.choice([c for c in COLORS if c != right])])
     if task == "sort":
         nums = sorted(record["args"]["nums"])
@@ -492,8 +497,11 @@ def corpus_document(rng):
         for _ in range(rng.randint(1, 3)):
             r = make_record(rng, task="lookup")
             a = r["args"]
-            lines.append(f"{a['name']} has a {a['c1']} {a['o1']} and a {a['c2']} {a['o2']}. "
-                         f"the {a['o1']} is {a['c1']}. the {a['o2']} is {a['c2']}. {a['name']} likes the {a['ask']}.")
+            if a["o2"]:
+                lines.append(f"{a['name']} has a {a['c1']} {a['o1']} and a {a['c2']} {a['o2']}. the {a['o1']} is "
+                             f"{a['c1']}. the {a['o2']} is {a['c2']}. {a['name']} likes the {a['ask']}.")
+            else:
+                lines.append(f"{a['name']} has a {a['c1']} {a['o1']}. the {a['o1']} is {a['c1']}.")
     elif kind == "lists":
         for _ in range(rng.randint(2, 5)):
             r = make_record(rng, task="count")
@@ -533,7 +541,7 @@ class Config:
     seed: int = 0  # one seed for everything
     corpus_chars: int = 6_000_000  # ~1.5M tokens of generated internet
     n_sft: int = 6000  # demonstrations (a tenth is held out for SFT validation)
-    n_label: int = 1500  # prompts for comparison labelling (reward.py samples K answers each)
+    n_label: int = 2000  # prompts for comparison labelling (reward.py samples K answers each)
     n_ppo: int = 4000  # prompts for PPO rollouts
     n_eval: int = 300  # held-out evaluation prompts (argument combinations never seen in training)
     n_labelers: int = 10  # size of the simulated labeler pool

@@ -32,16 +32,16 @@ if REPO not in sys.path:
 
 STAGES = ["world", "pretrain", "sft", "reward"]
 SEED = 1337
-MAX_NEW_TOKENS = 40  # answers in the embedded world are at most ~35 tokens; prompt + 40 < block_size 128
+MAX_NEW_TOKENS = 40  # most answers take < 40 tokens; the longest tiny-world prompt (44) + 40 < block_size 96
 
 # The tiny chain's settings (every other field keeps the script's default).
-TINY_WORLD = dict(corpus_chars=400_000, n_sft=2000, n_label=240, n_ppo=400, n_eval=60, vocab_size=512, seed=0)
-TINY_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=128)
-TINY_PRETRAIN = dict(max_steps=300, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                     eval_interval=300, eval_batches=4, log_interval=100)
-TINY_SFT = dict(epochs=2, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, eval_interval=1000,
+TINY_WORLD = dict(corpus_chars=600_000, n_sft=3000, n_label=500, n_ppo=500, n_eval=60, vocab_size=512, seed=0)
+TINY_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=96)
+TINY_PRETRAIN = dict(max_steps=500, batch_size=24, lr=5e-3, min_lr=5e-4, warmup_steps=30,
+                     eval_interval=500, eval_batches=4, log_interval=100)
+TINY_SFT = dict(epochs=3, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, eval_interval=1000,
                 prompts="", eval_base=False)
-TINY_REWARD = dict(k=4, double_label=60, epochs=2, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=5,
+TINY_REWARD = dict(k=6, double_label=100, epochs=2, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=5,
                    best_of=0, n_norm=256, val_fraction=0.15)
 
 
@@ -91,17 +91,17 @@ def _build_stage(stage, p, log):
         elif stage == "pretrain":
             import pretrain
             pretrain.train(pretrain.Config(corpus=p.corpus, tokenizer=p.tokenizer, out_dir=os.path.dirname(p.pretrain),
-                                           seed=SEED, device="cpu", **TINY_MODEL, **TINY_PRETRAIN))
+                                           seed=SEED, device="cpu", threads=1, **TINY_MODEL, **TINY_PRETRAIN))
         elif stage == "sft":
             import sft
             sft.train(sft.Config(init_from=p.pretrain, train_data=p.sft_train, val_data=p.sft_val,
-                                 out_dir=os.path.dirname(p.sft), seed=SEED, device="cpu",
+                                 out_dir=os.path.dirname(p.sft), seed=SEED, device="cpu", threads=1,
                                  max_new_tokens=MAX_NEW_TOKENS, **TINY_SFT))
         elif stage == "reward":
             import reward
             reward.train(reward.Config(init_from=p.sft, label_prompts=p.prompts_label, demonstrations=p.sft_train,
                                        eval_prompts=p.prompts_eval, world_dir=p.world, out_dir=os.path.dirname(p.reward),
-                                       seed=SEED, device="cpu", max_new_tokens=MAX_NEW_TOKENS, **TINY_REWARD))
+                                       seed=SEED, device="cpu", threads=1, max_new_tokens=MAX_NEW_TOKENS, **TINY_REWARD))
 
 
 def _tiny_chain(upto):
@@ -141,31 +141,52 @@ def ensure(stage="reward"):
     if mode == "full" and full is None:
         raise SystemExit("RLHF_NOTEBOOKS=full but the pipeline has not finished: run `python pipeline.py`")
     p = full or _tiny_chain(stage)
+    restore_inline_figures()
     os.makedirs(p.work, exist_ok=True)
     print(f"using the {p.kind} chain: " + ("runs/ of `python pipeline.py`" if p.kind == "full" else
                                           f"tiny checkpoints in {cache_dir()}"))
     return p
 
 
+@contextlib.contextmanager
 def quiet():
-    """Context manager that swallows a script's printout (for calls whose log would bury the lesson)."""
-    return _Quiet(io.StringIO())
+    """Capture a script's printout (for calls whose log would bury the lesson); yields the buffer.
+    On exit it also gives the notebook its inline figures back (see restore_inline_figures)."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        restore_inline_figures()
 
 
-class _Quiet:
-    def __init__(self, buf):
-        self.buf = buf
-        self._cms = [contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf)]
+def restore_inline_figures():
+    """The scripts draw their PNGs after `matplotlib.use("Agg")`, which switches pyplot to Agg for the
+    whole Python session: in a notebook, plt.show() would then show nothing. Switch back to inline."""
+    if "matplotlib.pyplot" in sys.modules and "ipykernel" in sys.modules:
+        import matplotlib.pyplot as plt
+        from IPython import get_ipython
+        if plt.get_backend().lower() == "agg" and get_ipython() is not None:
+            get_ipython().run_line_magic("matplotlib", "inline")
 
-    def __enter__(self):
-        for cm in self._cms:
-            cm.__enter__()
-        return self.buf
 
-    def __exit__(self, *exc):
-        for cm in reversed(self._cms):
-            cm.__exit__(*exc)
-        return False
+def grep(buf, *prefixes):
+    """Print the lines of a captured log (tiny.quiet()) that start with one of `prefixes`."""
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.startswith(prefixes)))
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE through tiktoken (downloaded once, then cached), or None with a one-line note when it
+    cannot be downloaded. RLHF_OFFLINE=1 (set by the test suite) skips the download attempt."""
+    from tokenizer import get_tokenizer
+    if os.environ.get("RLHF_OFFLINE"):
+        print("note: RLHF_OFFLINE is set, so GPT-2's encoding is not downloaded; the comparison is skipped")
+        return None
+    try:
+        return get_tokenizer("gpt2")
+    except (SystemExit, Exception) as e:
+        print(f"note: GPT-2's encoding is not available here ({str(e).splitlines()[0][:90]}...); comparison skipped")
+        return None
 
 
 def print_table(rows, headers, formats=None):

@@ -112,5 +112,6 @@ def ppo_args(world, sft_dir, reward_dir, pretrain_dir, out_dir, **overrides):
 def ppo_run(tiny_world, pretrain_run, sft_run, reward_run):
     out = os.path.join(tiny_world.root, "ppo")
     run_script("ppo.py", *ppo_args(tiny_world, sft_run, reward_run, pretrain_run, out,
-                                   iterations=2, rollout_batch=8, minibatch=4, eval_samples=1))
+                                   iterations=2, rollout_batch=8, minibatch=4, eval_samples=1,
+                                   ptx_coef=0.1, ptx_batch=4))  # PPO-ptx on, so its path runs too
     return out

@@ -167,7 +167,8 @@ def test_tiny_world_run_summary_and_checkpoint(tiny_world, pretrain_run, sft_run
     assert ckpt["tokenizer"] == tiny_world.tok and ckpt["step"] == s["steps"]
     # SFT learned the chat format: the held-out demonstrations' masked loss fell well below the base model's
     tok = get_tokenizer(tiny_world.tok)
-    val = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), 96) for r in read_sft(tiny_world.sft_val)]
+    val = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block_size=96)
+           for r in read_sft(tiny_world.sft_val)]
     base, _ = load_model(os.path.join(pretrain_run, "ckpt.pt"))
     sft, _ = load_model(os.path.join(sft_run, "ckpt.pt"))
     base_loss = val_loss(base, val, tok.pad_id, 64, "cpu")
