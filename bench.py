@@ -1,13 +1,24 @@
-"""Throughput of model.py: training steps and batched generation with and without the KV cache.
+"""Throughput of model.py: training steps (ours vs an independent reference) and batched generation
+with and without the KV cache.
 
-    python bench.py                                  # embedded preset on this machine (~10 s on 2 cores)
+    python bench.py                                  # embedded preset on this machine (~15 s on 2 cores)
     python bench.py --config=gpt2 --batch_size=16    # GPT-2 124M (on a GPU: bf16 autocast, MFU)
+    python bench.py --reference=false                # skip the reference model
 
 What it measures:
 1. Training: forward + backward + AdamW on random tokens (batch_size x seq_len), after `warmup`
    untimed steps; tokens/s and, on CUDA, model FLOPs utilisation (MFU, PaLM appendix B) against the
    GPU's bf16 dense peak (989 TFLOP/s for H100 SXM, 312 for A100).
-2. Generation: gen_batch left-padded random prompts, gen_tokens new tokens, greedy, no eos (every
+2. Reference: the same training step (same batch, seq_len, vocab, loss, AdamW, dtype, compile) on a
+   GPT-2 of the same shape built only from PyTorch's own modules: token + position embeddings,
+   n_layer x nn.TransformerEncoderLayer(norm_first=True, activation="gelu", dropout=0,
+   dim_feedforward=4*n_embd) with a causal mask, a final LayerNorm and an output head tied to the token
+   embedding. Its parameter count equals ours (checked). It shares no code with model.py (its attention
+   is nn.MultiheadAttention, which with is_causal=True also reaches F.scaled_dot_product_attention's
+   causal kernel), so ours / reference near or above 1.0 says our step has no avoidable overhead; well
+   below 1.0 says there is some. Differences that remain: exact (erf) GELU instead of GPT-2's tanh
+   one, PyTorch's default init (speed does not depend on the weights).
+3. Generation: gen_batch left-padded random prompts, gen_tokens new tokens, greedy, no eos (every
    sequence runs to the end): with the KV cache and by recomputing the whole sequence at each step.
    The greedy tokens of both should match (exactly in fp32; bf16 rounding may split near-ties).
 Random weights: the speed of a Transformer does not depend on what it has learned.
@@ -16,6 +27,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from common import parse_config, print_config
 from model import GPT, PRESETS, pick_device
@@ -34,6 +47,7 @@ class Config:
     gen_prompt_len: int = 16   # longest prompt; prompts are 1/2..1 of it, left-padded
     gen_tokens: int = 64       # new tokens per prompt
     compile: bool = False      # torch.compile the training model (CUDA only)
+    reference: bool = True     # also time an nn.TransformerEncoderLayer GPT-2 of the same shape
     seed: int = 0              # seed for weights and random tokens
 
 
@@ -45,6 +59,48 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class ReferenceGPT(nn.Module):
+    """GPT-2's shape from PyTorch's own building blocks, independent of model.py (see the docstring)."""
+
+    def __init__(self, mc):
+        super().__init__()
+        self.wte = nn.Embedding(mc.vocab_size, mc.n_embd)
+        self.wpe = nn.Embedding(mc.block_size, mc.n_embd)
+        layer = nn.TransformerEncoderLayer(mc.n_embd, mc.n_head, dim_feedforward=4 * mc.n_embd, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True, bias=mc.bias)
+        # nested tensors are an inference-only fast path that norm_first disables anyway
+        self.h = nn.TransformerEncoder(layer, mc.n_layer, enable_nested_tensor=False)  # n_layer deep copies
+        self.ln_f = nn.LayerNorm(mc.n_embd, bias=mc.bias)
+        self.lm_head = nn.Linear(mc.n_embd, mc.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+
+    def forward(self, idx, targets):
+        T = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)  # (T, T), -inf above
+        x = self.h(x, mask=causal, is_causal=True)  # is_causal lets SDPA use its causal kernel
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def train_tokens_per_s(model, x, y, cfg, dev):
+    """forward + backward + AdamW steps on (x, y): `warmup` untimed, then `steps` timed -> (tokens/s, s)."""
+    train_model = torch.compile(model) if dev.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_steps(n):
+        for _ in range(n):
+            with dev.autocast():
+                _, loss = train_model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    train_steps(cfg.warmup)
+    seconds, _ = timed(lambda: train_steps(cfg.steps), dev.device)
+    return cfg.steps * x.numel() / seconds, seconds
 
 
 def timed(fn, device):
@@ -73,22 +129,9 @@ def main():
                        f"{torch.get_num_threads()} CPU threads, compile={dev.compile}")]
 
     # 1. training: forward + backward + AdamW
-    train_model = torch.compile(model) if dev.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(V, (B, T), device=dev.device)
     y = torch.randint(V, (B, T), device=dev.device)
-
-    def train_steps(n):
-        for _ in range(n):
-            with dev.autocast():
-                _, loss = train_model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    train_steps(cfg.warmup)
-    seconds, _ = timed(lambda: train_steps(cfg.steps), dev.device)
-    tok_s = cfg.steps * B * T / seconds
+    tok_s, seconds = train_tokens_per_s(model, x, y, cfg, dev)
     rows.append((f"train tokens/s (B{B} x T{T}, fwd+bwd+AdamW)",
                  f"{tok_s:,.0f}  ({1000 * seconds / cfg.steps:.1f} ms/step)"))
     peak = peak_flops(dev.device)
@@ -97,8 +140,19 @@ def main():
     rows.append(("train MFU", mfu))
     rows.append(("train TFLOP/s achieved", f"{model.flops_per_token(T) * tok_s / 1e12:.3f}"))
 
-    # 2. generation with and without the KV cache
-    del opt, x, y
+    # 2. the same step on an independent implementation of the same shape
+    if cfg.reference:
+        ref = ReferenceGPT(mc).to(dev.device)
+        n_ref = sum(p.numel() for p in ref.parameters())
+        assert n_ref == model.num_params(), f"reference has {n_ref} params, ours {model.num_params()}"
+        ref_tok_s, ref_seconds = train_tokens_per_s(ref, x, y, cfg, dev)
+        del ref
+        rows.append(("reference: torch.nn.TransformerEncoderLayer, same shape",
+                     f"{ref_tok_s:,.0f}  ({1000 * ref_seconds / cfg.steps:.1f} ms/step)"))
+        rows.append(("train ours / reference (tokens/s)", f"{tok_s / ref_tok_s:.2f}x"))
+
+    # 3. generation with and without the KV cache
+    del x, y
     model.eval()
     Bg, P, N = cfg.gen_batch, cfg.gen_prompt_len, cfg.gen_tokens
     prompts = torch.randint(V, (Bg, P), device=dev.device)

@@ -105,11 +105,19 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def pyplot():
+    """matplotlib.pyplot, with the file-only Agg backend unless pyplot is already in use (a notebook's
+    inline backend must survive a script's plotting)."""
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_metrics(metrics_path, png_path, keys, x="step", title=None):
     """Draw one small panel per metric in `keys` from a metrics.jsonl file into a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = read_jsonl(metrics_path)
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:

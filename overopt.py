@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import load_model, parse_config, print_config, read_jsonl, write_json
+from common import load_model, parse_config, print_config, pyplot, read_jsonl, write_json
 from data.formats import read_prompts
 from data.world import judge
 from evaluate import generate_answers
@@ -63,9 +63,7 @@ def fit_rl(d, gain):
 
 
 def plot(bon, rl, fits, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2 if rl else 1, figsize=(11 if rl else 5.5, 4), squeeze=False)
     ax = axes[0, 0]
     d = np.array([math.sqrt(r["kl"]) for r in bon])

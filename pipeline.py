@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import parse_config, print_config, read_jsonl, write_json
+from common import parse_config, print_config, pyplot, read_jsonl, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ["world", "pretrain", "sft", "reward", "ppo", "oracle"]
@@ -77,9 +77,7 @@ def load(cfg, name):
 
 
 def plot_best_of_n(bon, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     d = [r["kl"] ** 0.5 for r in bon]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(d, [r["gold_mean"] for r in bon], "o-", label="best-of-n by RM: gold")

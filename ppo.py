@@ -82,7 +82,7 @@ class Config:
     max_new_tokens: int = 48
     lr: float = 3e-5  # policy learning rate
     value_lr: float = 1e-4  # value model learning rate
-    beta: float = 0.05  # KL penalty coefficient (initial value when adaptive_kl)
+    beta: float = 0.1  # KL penalty coefficient (initial value when adaptive_kl); 0.05 let the policy exploit the RM more
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller toward kl_target
     kl_target: float = 1.0  # target KL to the reference (nats per answer), adaptive only
     kl_horizon: int = 10000  # controller horizon in episodes

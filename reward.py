@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Metrics, all_reduce_sum, config_dict, ddp_barrier, ddp_cleanup, ddp_setup, load_checkpoint,
-                    load_model, parse_config, plot_metrics, print_config, rng_state, save_checkpoint,
+                    load_model, parse_config, plot_metrics, print_config, pyplot, rng_state, save_checkpoint,
                     set_rng_state, set_seed, write_json)
 from data import world as W
 from data.formats import read_comparisons, read_prompts, read_sft, write_jsonl
@@ -238,9 +238,7 @@ def evaluate_rm(rm, tok, comps, device, batch_size=64):
 
 
 def plot_calibration(calib, path, bins=10):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     xs, ys, ns = [], [], []
     for k in range(bins):
         pts = [(p, y) for p, y in calib if k / bins <= p < (k + 1) / bins or (k == bins - 1 and p == 1)]

@@ -97,7 +97,7 @@ for rank, token in learned:
     print(f"merge {rank - 255}: token {rank} = {token!r}")
 '''),
     md(r'''
-    The first merges glue the most frequent pairs (`t`+`h`, then `th`+`e`, ...), and GPT-2's
+    The first merges glue the most frequent pairs of the toy text (`a`+`t`, `h`+`e`, then `t`+`he`), and GPT-2's
     pre-splitting rule keeps a leading space attached to the word after it (`' cat'`), so a word is the
     same token in the middle of every sentence.
 
@@ -131,8 +131,8 @@ assert tok.end_id not in typed
     md(r'''
     GPT-2's own tokenizer (50,257 tokens, trained on real web text) is available through the same function
     as `get_tokenizer("gpt2")`; tiktoken downloads its files once. Where that is possible we compare
-    token counts: real English needs about 1.3 tokens per word with GPT-2, while our closed little world
-    needs fewer tokens with a vocabulary 50 times smaller.
+    token counts: GPT-2 needs about 1.3 tokens per English word; our BPE, 50 times smaller, gets a similar
+    rate on the world's text because the embedded world only uses a few hundred distinct words.
     '''),
     code('''
 from tokenizer import tokens_per_word
@@ -530,10 +530,12 @@ rows = [(t, repr(tok.decode([x])), "-100 (masked)" if y == -100 else repr(tok.de
 tiny.print_table(rows, ["t", "input token", "target (next token)", "in the loss"])
 '''),
     code('''
+from matplotlib.colors import ListedColormap
+
 def draw_mask(ax, x_ids, y_ids, title):
     """One box per input token: green if its next token is a target, grey if masked."""
     counted = np.array([[y != -100 for y in y_ids]], dtype=float)
-    ax.imshow(counted, cmap="RdYlGn", vmin=-0.6, vmax=1.3, aspect="auto")
+    ax.imshow(counted, cmap=ListedColormap(["lightgrey", "mediumseagreen"]), vmin=0, vmax=1, aspect="auto")
     for t, x in enumerate(x_ids):
         ax.text(t, 0, tok.decode([x]).replace(" ", "\\u2423"), rotation=90, ha="center", va="center", fontsize=8)
     ax.set_yticks([])
@@ -666,9 +668,10 @@ plt.show()
 '''),
     md(r'''
     What to look for: the base model almost never ends its answer (`rate_ended` near 0), which alone halves
-    its gold score; SFT learns the format, to stop, and much of the content. The longer SFT run does better
-    than the 50-step one. But SFT imitates: whatever the demonstrator does most of the time, the SFT model
-    does too. Here is its habit on "reply with only the answer":
+    its gold score; SFT learns the format and to stop, and some of the content (how much depends on the
+    model: the tiny chain's 2-layer GPT gets little right, the pipeline's models more). More SFT steps
+    help. But SFT imitates: whatever the demonstrator does most of the time, the SFT model does too. Here
+    is its habit on "reply with only the answer":
     '''),
     code('''
 short_rows = [r for r in eval_rows if r["record"]["format"] == "short"]
@@ -777,8 +780,8 @@ rm, rm_ckpt = reward.load_reward_model(chain.reward)
 rm.eval()
 pool = W.load_labelers(chain.world)  # {"tau": ..., "bias": ..., "labelers": [{"id", "tau"}, ...]}
 label_rows, eval_rows = read_prompts(chain.prompts_label), read_prompts(chain.prompts_eval)
-print(f"{len(pool['labelers'])} labelers, base noise tau = {pool['tau']:.3f}; RM trained on "
-      f"{len(read_jsonl(chain.comparisons))} ranked prompts")
+print(f"{len(pool['labelers'])} labelers, base noise tau = {pool['tau']:.3f}; the RM learned from "
+      f"{len(read_jsonl(chain.comparisons))} ranked prompts (a few of them held out for validation)")
 '''),
     md(r'''
     ## 3.1 K answers and a labeler's ranking
@@ -886,8 +889,8 @@ print(f"  correlation of reward with answer length {ev['length_corr']:+.2f}")
     **Calibration.** The RM does not just order answers, it claims a probability:
     $\sigma(r_A - r_B)$ is its belief that the labeler prefers $A$. A calibrated RM is right 70% of the
     time when it says 70%. We bin the held-out pairs by predicted probability and compare with how often
-    the labeler actually preferred $A$ (points on the diagonal = calibrated). Right: accuracy grows with
-    the RM's margin, so a confident RM is more often right.
+    the labeler actually preferred $A$ (points on the diagonal = calibrated). Right: accuracy by the size
+    of the RM's margin; a useful RM is more often right when it is more confident.
     '''),
     code('''
 calib = np.array(ev["_calibration"])  # (pairs, 2): predicted P(A preferred), 1 if the labeler preferred A
@@ -939,7 +942,9 @@ ax.set_xlabel("gold score (jittered)")
 ax.set_ylabel("RM score")
 ax.set_title(f"{len(flat)} held-out answers, correlation {r:.2f}")
 plt.show()
-print("normalisation stored in the checkpoint:", rm_ckpt.get("normalization"))
+norm = rm_ckpt.get("normalization", {})
+print(f"normalisation in the checkpoint: raw scores of demonstrations averaged {norm.get('demo_mean_before', float('nan')):+.3f}, "
+      f"raw SFT samples had std {norm.get('sample_std_before', float('nan')):.3f}; the head now maps them to 0 and 1")
 '''),
     md(r'''
     ## 3.4 Best-of-n: the simplest use of a reward model
@@ -1082,8 +1087,11 @@ for m in (policy, ref, rm, critic):
 
 cfg = ppo.Config(sft=chain.sft, reward_model=chain.reward, prompts=chain.prompts_ppo, eval_prompts="",
                  pretrain_tokens=chain.pretrain_tokens, out_dir=os.path.join(chain.work, "04_ppo"),
-                 max_new_tokens=chain.max_new_tokens, iterations=25, rollout_batch=48, minibatch=12, lr=1e-4,
-                 value_lr=3e-4, device="cpu", threads=1, seed=1337)
+                 max_new_tokens=chain.max_new_tokens, iterations=25, rollout_batch=48, minibatch=12,
+                 # the tiny chain's 2-layer GPT needs bigger steps to move in 25 iterations; the pipeline's
+                 # models use the script's default learning rates
+                 lr=1e-4 if chain.kind == "tiny" else ppo.Config.lr,
+                 value_lr=3e-4 if chain.kind == "tiny" else ppo.Config.value_lr, device="cpu", threads=1, seed=1337)
 print(f"beta (KL coefficient) {cfg.beta}, clip range {cfg.clip_range}, gamma {cfg.gamma}, lambda {cfg.lam}, "
       f"temperature {cfg.temperature}")
 '''),
@@ -1270,11 +1278,13 @@ plt.show()
 
     ## 4.6 A short run
 
-    `ppo.train` is `python ppo.py` as a function: 25 iterations of 48 prompts, 4 epochs of minibatches of
-    12. It logs one line per iteration to `metrics.jsonl`. In the embedded world we also know the gold
-    score of every rollout answer, which the policy never sees.
+    `ppo.train` is `python ppo.py` as a function; a short run with the settings of the `cfg` above. It logs
+    one line per iteration to `metrics.jsonl`. In the embedded world we also know the gold score of every
+    rollout answer, which the policy never sees.
     '''),
     code('''
+print(f"{cfg.iterations} iterations x {cfg.rollout_batch} prompts; {cfg.ppo_epochs} epochs of minibatches of "
+      f"{cfg.minibatch}; lr {cfg.lr}")
 t0 = time.time()
 with tiny.quiet() as log:
     trained, summary = ppo.train(cfg)
@@ -1506,27 +1516,41 @@ gain_bon = np.array([b["gold_mean"] - bon[0]["gold_mean"] for b in bon])  # R(0)
 a_bon, b_bon = overopt.fit_bon(d_bon, gain_bon)
 X = np.stack([d_bon, -d_bon ** 2], axis=1)
 np.testing.assert_allclose(np.linalg.solve(X.T @ X, X.T @ gain_bon), [a_bon, b_bon], rtol=1e-6, atol=1e-9)
-print(f"best-of-n: gold - gold(0) = d ({a_bon:.3f} - {b_bon:.3f} d)", end="")
-print(f"  -> peak at d = {a_bon / (2 * b_bon):.2f}" if b_bon > 0 else "  (no peak within reach: b <= 0)")
+
+def bon_curve(d):  # the fitted gold gain over SFT
+    return d * (a_bon - b_bon * d)
+
+def describe_peak(curve, d_max):
+    """Where a fitted gold curve is highest, found on a grid (exercise 3 derives it in closed form)."""
+    dd = np.linspace(1e-3, d_max, 4001)
+    g = curve(dd)
+    i = int(np.argmax(g))
+    if g[i] <= 0:
+        return "below SFT at every distance"
+    where = f"beyond d = {d_max:.1f}" if i == len(dd) - 1 else f"d = {dd[i]:.2f} (KL {dd[i] ** 2:.2f})"
+    return f"highest at {where}, {g[i]:+.3f} above SFT"
+
+print(f"best-of-n: gold - gold(0) = d ({a_bon:.3f} - {b_bon:.3f} d); {describe_peak(bon_curve, 3 * d_bon.max())}")
 '''),
     md(r'''
     ## 5.2 PPO without the KL penalty
 
-    Notebook 04 kept a leash on the policy, $-\beta \log(\pi/\pi_{\mathrm{ref}})$ per token. Here we drop it
-    ($\beta = 0$), raise the learning rate a little and let PPO chase the proxy. Every iteration logs the
-    proxy reward, the gold score of the rollout answers and the sampled KL to the reference (still
-    measured, no longer penalised).
+    Notebook 04 kept a leash on the policy, $-\beta \log(\pi/\pi_{\mathrm{ref}})$ per token. Here we drop
+    it ($\beta = 0$) and let PPO chase the proxy for longer. Every iteration logs the proxy reward, the
+    gold score of the rollout answers and the sampled KL to the reference (still measured, no longer
+    penalised).
     '''),
     code('''
 cfg = ppo.Config(sft=chain.sft, reward_model=chain.reward, prompts=chain.prompts_ppo, eval_prompts="",
                  pretrain_tokens=chain.pretrain_tokens, out_dir=os.path.join(chain.work, "05_ppo_beta0"),
                  max_new_tokens=chain.max_new_tokens, beta=0.0, iterations=36, rollout_batch=64, minibatch=16,
-                 lr=1e-4, value_lr=3e-4, device="cpu", threads=1, seed=1337)
+                 lr=1e-4 if chain.kind == "tiny" else overopt.Config.ppo_lr,  # as in notebook 04: tiny needs bigger steps
+                 value_lr=3e-4 if chain.kind == "tiny" else ppo.Config.value_lr, device="cpu", threads=1, seed=1337)
 t0 = time.time()
 with tiny.quiet() as log:
     hacked, _ = ppo.train(cfg)
 hacked.eval()
-print(f"{cfg.iterations} iterations in {time.time() - t0:.0f}s")
+print(f"{cfg.iterations} iterations x {cfg.rollout_batch} prompts, lr {cfg.lr}, beta {cfg.beta}: {time.time() - t0:.0f}s")
 rl = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
 tiny.print_table([[m["iteration"], m["kl_to_ref"], m["reward"], m["gold"]] for m in [rl[i] for i in sorted(set(range(0, len(rl), 5)) | {len(rl) - 1})]],
                  ["iteration", "KL to ref", "proxy", "gold"], ["d", ".2f", "+.3f", ".3f"])
@@ -1544,15 +1568,17 @@ keep = d_rl >= 0.3
 a_rl, b_rl = overopt.fit_rl(d_rl[keep], gold_rl[keep] - gold_rl[0])
 X = np.stack([d_rl[keep], -d_rl[keep] * np.log(d_rl[keep])], axis=1)
 np.testing.assert_allclose(np.linalg.solve(X.T @ X, X.T @ (gold_rl[keep] - gold_rl[0])), [a_rl, b_rl], rtol=1e-6, atol=1e-9)
-print(f"RL (beta = 0): gold - gold(0) = d ({a_rl:.3f} - {b_rl:.3f} log d)", end="")
-print(f"  -> peak at d = {math.exp(a_rl / b_rl - 1):.2f}" if b_rl > 0 else "  (no peak: b <= 0)")
+
+def rl_curve(d):
+    return d * (a_rl - b_rl * np.log(np.maximum(d, 1e-9)))
+
+print(f"RL (beta = 0): gold - gold(0) = d ({a_rl:.3f} - {b_rl:.3f} log d); {describe_peak(rl_curve, 3 * d_rl.max())}")
 '''),
     code('''
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 panels = [(axes[0], "best-of-n (n = 1 .. 64)", d_bon, np.array([b["gold_mean"] for b in bon]),
-           np.array([b["proxy_reward"] for b in bon]), lambda d: d * (a_bon - b_bon * d)),
-          (axes[1], "PPO with beta = 0", d_rl, gold_rl, proxy_rl,
-           lambda d: d * (a_rl - b_rl * np.log(np.maximum(d, 1e-9))))]
+           np.array([b["proxy_reward"] for b in bon]), bon_curve),
+          (axes[1], "PPO with beta = 0", d_rl, gold_rl, proxy_rl, rl_curve)]
 for ax, title, d, gold, prox, fit in panels:
     dd = np.linspace(0, d.max() * 1.05, 200)
     ax.plot(d, gold, "o", color="C0", alpha=0.7, label="gold (judge)")
@@ -1598,7 +1624,11 @@ for name, ans in answers.items():
 tiny.print_table([[n] + s for n, s in stats.items()],
                  ["policy", "proxy", "gold", "pass", "correct", "courtesy/answer", ">=2 courtesy", "words"],
                  [""] + [".3f"] * 7)
-ranked = sorted(judged["PPO beta=0"], key=lambda x: -x[0])
+ranked, seen = [], set()
+for x in sorted(judged["PPO beta=0"], key=lambda x: -x[0]):  # highest proxy first, each (prompt, answer) once
+    if (x[2]["prompt"], x[3]["text"]) not in seen:
+        seen.add((x[2]["prompt"], x[3]["text"]))
+        ranked.append(x)
 for title, chosen in [("highest-proxy answers of the beta = 0 policy", ranked[:5]),
                       ("highest-proxy answers that the judge scores below 0.5", [x for x in ranked if x[1]["score"] < 0.5][:8])]:
     print(f"\\n{title}:")
@@ -1623,6 +1653,7 @@ for k in range(5):
 print("example with k = 4:", repr(texts[0]))
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(range(5), curves["gold"], "o-", color="C0", label="gold")
+ax.set_xticks(range(5))
 ax.set_xlabel("courtesy phrases stacked in front of a correct answer")
 ax.set_ylabel("gold score", color="C0")
 ax2 = ax.twinx()
@@ -1633,10 +1664,10 @@ plt.show()
 tiny.print_table([[k, curves["gold"][k], curves["proxy (RM)"][k]] for k in range(5)], ["k", "gold", "RM"], ["d", ".3f", "+.3f"])
 '''),
     md(r'''
-    Remedies, all in the scripts: the KL penalty (`--beta`, or Ziegler's adaptive controller
-    `--adaptive_kl`), early stopping on a held-out gold or human evaluation, more and more diverse
-    comparison data (labelling the *policy's* new answers, as InstructGPT did over several rounds), and
-    larger reward models, which Gao et al. found over-optimise more slowly.
+    Remedies: the KL penalty (`ppo.py --beta`, or Ziegler's adaptive controller `--adaptive_kl`), early
+    stopping on a held-out gold or human evaluation, more and more diverse comparison data (labelling the
+    *policy's* new answers, as InstructGPT did over several rounds), and larger reward models, which
+    Gao et al. found over-optimise more slowly.
 
     ## Exercises
 

@@ -7,9 +7,10 @@
 1. If `python pipeline.py` has finished a stage (runs/<stage>/summary.json and ckpt.pt, and the world
    in data/world/), the notebooks use its checkpoints: bigger models, better pictures.
 2. Otherwise a tiny chain is built once into runs/notebook_tiny/ (gitignored, like all of runs/):
-   a small world (400K characters of corpus, its own BPE in tok.tiktoken), then pretrain.py, sft.py and
-   reward.py through their own `train(Config(...))` with a 2-layer, 64-wide GPT. It takes about
-   1.5 minutes on 2 CPU cores and all five notebooks share it. A stamp file holds the settings and a
+   a small world (600K characters of corpus, its own 512-token BPE in tok.tiktoken), then pretrain.py,
+   sft.py and reward.py through their own `train(Config(...))` with a 2-layer, 64-wide GPT on one CPU
+   thread (for models this small a second thread only adds overhead, and one thread makes the runs
+   bitwise reproducible). It takes about a minute and all five notebooks share it. A stamp file holds the settings and a
    hash of the scripts, so editing a script rebuilds the chain instead of reusing stale checkpoints.
 3. The environment variable RLHF_NOTEBOOKS=tiny forces the tiny chain (the test suite sets it so a
    test run never depends on what happens to be in runs/), =full insists on the pipeline's runs.

@@ -200,7 +200,7 @@ def split_key(record):
     """The argument combination that decides the split (mirrors world._sample_args); None for greet,
     whose split is decided by chance."""
     a, task = record["args"], record["task"]
-    return {"add": lambda: [a.get("op"), a.get("a"), a.get("b")], "bigger": lambda: [a.get("a"), a.get("b")],
+    return {"add": lambda: [a.get("op"), a.get("a"), a.get("b"), a.get("template")], "bigger": lambda: [a.get("a"), a.get("b")],
             "count": lambda: a.get("items"), "sort": lambda: a.get("nums"),
             "lookup": lambda: [a.get(k) for k in ("name", "c1", "o1", "c2", "o2", "ask")],
             "greet": lambda: None}.get(task, lambda: [a.get("topic"), a.get("template")])()
@@ -217,18 +217,22 @@ def test_heldout_split_of_records():
     assert train_keys.isdisjoint(eval_keys) and len(eval_keys) > 500
     assert {r["task"] for r in evals} == set(W.FAMILIES)  # every family has evaluation prompts
     # about a fifth of all addition problems is reserved
-    combos = [[op, a, b] for op in ("plus", "minus") for a in range(21) for b in range(21)
-              if op == "plus" or a >= b]
+    combos = [[op, a, b, t] for op in ("plus", "minus") for a in range(10) for b in range(10)
+              for t in range(len(W.TEMPLATES[op])) if op == "plus" or a >= b]
     assert 0.15 < sum(W.heldout("add", k) for k in combos) / len(combos) < 0.25
 
 
 NUM = r"(\d+(?:, \d+)*)"
 ITEMS_RE = r"([a-z]+(?:, [a-z]+)*)"
 CORPUS_PATTERNS = [  # (task, regex, key from the match groups): every way the corpus states a QA combination
-    ("add", r"(\d+) (plus|minus) (\d+)", lambda g: [g[1], int(g[0]), int(g[2])]),
-    ("add", r"add (\d+) and (\d+)", lambda g: ["plus", int(g[0]), int(g[1])]),
-    ("add", r"subtract (\d+) from (\d+)", lambda g: ["minus", int(g[1]), int(g[0])]),
-    ("add", r"(\d+) take away (\d+)", lambda g: ["minus", int(g[0]), int(g[1])]),
+    # add prompts: the held-out key is (numbers, wording template): each wording is its own pattern
+    ("add", r"what is (\d+) plus (\d+)\?", lambda g: ["plus", int(g[0]), int(g[1]), 0]),
+    ("add", r"(?<!what do you get if you )add (\d+) and (\d+)\.", lambda g: ["plus", int(g[0]), int(g[1]), 1]),
+    ("add", r"what do you get if you add (\d+) and (\d+)", lambda g: ["plus", int(g[0]), int(g[1]), 2]),
+    ("add", r"compute (\d+) plus (\d+)", lambda g: ["plus", int(g[0]), int(g[1]), 3]),
+    ("add", r"what is (\d+) minus (\d+)", lambda g: ["minus", int(g[0]), int(g[1]), 0]),
+    ("add", r"subtract (\d+) from (\d+)", lambda g: ["minus", int(g[1]), int(g[0]), 1]),
+    ("add", r"(\d+) take away (\d+)", lambda g: ["minus", int(g[0]), int(g[1]), 2]),
     ("bigger", r"of (\d+) and (\d+), the bigger", lambda g: [int(g[0]), int(g[1])]),
     ("bigger", r"which is bigger, (\d+) or (\d+)", lambda g: [int(g[0]), int(g[1])]),
     ("bigger", r"larger: (\d+) or (\d+)", lambda g: [int(g[0]), int(g[1])]),
