@@ -107,12 +107,12 @@ def get_batch(data, batch_size, block_size, generator):
     return x, y  # (B, T), (B, T)
 
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+def lr_at(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps (0-based step)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def unigram_entropy(data):
@@ -215,7 +215,7 @@ def train(cfg):
     t0, t_last, tokens_seen = time.time(), time.time(), 0
     model.train()
     while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x_all, y_all = get_batch(train_data, cfg.batch_size, cfg.block_size, data_gen)  # global batch

@@ -324,8 +324,6 @@ def train(cfg):
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     max_steps = cfg.epochs * steps_per_epoch
-    sched = type("S", (), {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                           "max_steps": max_steps})
     step, history = 0, []
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and os.path.exists(ckpt_path):
@@ -360,7 +358,7 @@ def train(cfg):
         batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
         mine = [train_set[j] for j in batch_idx[rank::world]]
-        lr = lr_at(step, sched)
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         n_global = all_reduce_sum(torch.tensor(float(len(mine)), device=dev.device))

@@ -147,8 +147,6 @@ def train(cfg):
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     max_steps = cfg.epochs * steps_per_epoch
-    sched = type("S", (), {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                           "max_steps": max_steps})
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("record")] if cfg.prompts else []
@@ -191,7 +189,7 @@ def train(cfg):
         batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
         mine = batch_idx[rank::world]
-        lr = lr_at(step, sched)
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = collate([train_ex[j] for j in mine or batch_idx[:1]], tok.pad_id)

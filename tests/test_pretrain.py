@@ -19,16 +19,16 @@ from pretrain import Config, evaluate, get_batch, lr_at, unigram_entropy
 def test_lr_schedule_by_hand():
     cfg = Config(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
     # warmup: lr * (step + 1) / warmup, so the first step already moves and step 9 reaches the peak
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(4, cfg) == pytest.approx(5e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(0, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-4)
+    assert lr_at(4, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(5e-4)
+    assert lr_at(9, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-3)
     # cosine over the remaining 100 steps: progress 0 -> peak, 0.5 -> halfway, 1 -> min_lr
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cos(pi/2) = 0
-    assert lr_at(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
-    assert lr_at(110, cfg) == pytest.approx(1e-4)
-    assert lr_at(500, cfg) == pytest.approx(1e-4)  # past the end: stays at the floor
-    after_warmup = [lr_at(s, cfg) for s in range(10, 111)]
+    assert lr_at(10, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-3)
+    assert lr_at(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cos(pi/2) = 0
+    assert lr_at(35, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert lr_at(110, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-4)
+    assert lr_at(500, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == pytest.approx(1e-4)  # past the end: stays at the floor
+    after_warmup = [lr_at(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
 
 
@@ -73,7 +73,7 @@ def test_tiny_run_learns_more_than_word_frequencies(pretrain_run):
     # the logged learning rate is the schedule's value at each step (0-based in lr_at)
     cfg = Config(lr=1e-2, min_lr=1e-3, warmup_steps=10, max_steps=150)
     for r in rows:
-        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg), rel=1e-12)
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps), rel=1e-12)
     assert os.path.exists(os.path.join(pretrain_run, "loss.png"))
 
 

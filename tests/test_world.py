@@ -405,3 +405,16 @@ def test_stock_phrases_are_found_after_a_bare_answer():
     # a bare sorted list with a period is not a full sentence
     s = rec("sort", fmt="sentence", nums=[5, 2, 9])
     assert not W.judge(s, "2, 5, 9.")["facets"]["format"]
+
+
+def test_stuttering_and_garbled_answers_fail():
+    # a word three times in a row, or a three-word run said twice, is repetition; greetings and how-to
+    # answers must be the reply itself and nothing else (both were found by PPO without a KL penalty)
+    greet = rec("greet")
+    g = W.judge(greet, "good morning! how can i help how can i help how can i help b: go")
+    assert g["facets"]["repeated"] and not g["facets"]["correct"] and not g["pass"]
+    assert W.stutters("take take take") and W.stutters("boil it for boil it for ten minutes.")
+    assert not W.stutters("put the egg in a pot of boiling water and wait ten minutes.")
+    howto = rec("howto", topic=0)
+    assert W.judge(howto, "boil it for ten minutes.")["pass"]
+    assert not W.judge(howto, "boil it for ten minutes. use a nutcracker.")["facets"]["correct"]
