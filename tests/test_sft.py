@@ -147,9 +147,9 @@ def test_tiny_model_memorises_four_demonstrations(tiny_world, pretrain_run, tmp_
     # and greedy decoding now answers each prompt with its demonstration, <|end|> included
     model, ckpt = load_model(os.path.join(out, "ckpt.pt"))
     tok = get_tokenizer(ckpt["tokenizer"])
-    answers = generate_answers(model, tok, [r["prompt"] for r in FOUR], greedy=True, max_new_tokens=20)
+    answers = generate_answers(model, tok, [r["prompt"] for r in FOUR], greedy=True, max_new_tokens=32)
     assert [a[0]["text"] for a in answers] == [r["response"] for r in FOUR]
-    assert all(a[0]["ended"] for a in answers)
+    assert all(a[0]["ended"] for a in answers), [(a[0]["ids"][-3:], tok.end_id) for a in answers]
 
 
 def test_tiny_world_run_summary_and_checkpoint(tiny_world, pretrain_run, sft_run):
