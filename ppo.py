@@ -1,6 +1,6 @@
 """Step 3 of InstructGPT: PPO against the reward model, with a KL leash to the SFT model.
 
-    python ppo.py                          # embedded world, ~5 minutes on 2 CPU cores
+    python ppo.py                          # embedded world, ~3 minutes on 2 CPU cores (+1 minute of evaluation)
     python ppo.py --reward=gold            # oracle mode: the gold judge is the reward (sanity check, ceiling)
     python ppo.py --beta=0 --iterations=300 --out_dir=runs/ppo_nokl    # over-optimisation
 
@@ -38,7 +38,6 @@ not transferable to this scale (tune ptx_coef); the oracle mode normalises the g
 mean and std of the first rollout's answers.
 """
 import copy
-import json
 import math
 import os
 import random
@@ -50,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from common import (Metrics, all_gather_object, all_reduce_mean, all_reduce_sum, config_dict, ddp_cleanup,
-                    ddp_setup, load_checkpoint, load_model, parse_config, plot_metrics, print_config, rng_state,
+                    ddp_setup, load_checkpoint, load_model, parse_config, plot_metrics, print_config, read_jsonl, rng_state,
                     save_checkpoint, set_rng_state, set_seed, write_json)
 from data import world as W
 from data.formats import read_prompts
@@ -439,7 +438,7 @@ def train(cfg):
     summary = {"iterations": it, "train_seconds": round(time.time() - t_start, 1), "final_beta": beta,
                "reward": cfg.reward}
     if master:
-        last = [r for r in (json.loads(l) for l in open(os.path.join(cfg.out_dir, "metrics.jsonl")))][-5:]
+        last = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))[-5:]
         summary["kl_to_ref_train"] = sum(r["kl_to_ref"] for r in last) / len(last) if last else None
         ptx_after = heldout_ptx_loss()
         if ptx_before is not None:

@@ -1,6 +1,6 @@
 """Pretraining: the base model (the "GPT-3" of the InstructGPT story).
 
-    python pretrain.py                              # embedded world, ~4 minutes on 2 CPU cores
+    python pretrain.py                              # embedded world, 5-7 minutes on 2 CPU cores
     python pretrain.py --max_steps=50 --out_dir=runs/tiny
     python pretrain.py --init_from=gpt2 --corpus=my.txt --tokenizer=gpt2   # GPU + internet
 
