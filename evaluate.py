@@ -104,16 +104,18 @@ def win_rate(scores_a, scores_b, n_boot=1000, seed=0):
 
 def evaluate_policy(model, tok, rows, n_samples=8, temperature=1.0, device="cpu", max_new_tokens=48,
                     seed=0, greedy_too=True):
-    """Sampled (n_samples per prompt) and greedy gold metrics on prompt rows {"prompt", "record"}."""
+    """Sampled (n_samples per prompt) and greedy gold metrics on prompt rows {"prompt", "record"};
+    the answers and their gold scores are kept under "_sampled_answers"/"_sampled_scores" (and greedy)."""
     prompts, records = [r["prompt"] for r in rows], [r["record"] for r in rows]
     sampled = generate_answers(model, tok, prompts, n=n_samples, temperature=temperature,
                                max_new_tokens=max_new_tokens, seed=seed, device=device)
-    result = {"sampled": summarize(records, sampled)[0]}
+    result = {}
+    result["sampled"], result["_sampled_scores"] = summarize(records, sampled)
     result["_sampled_answers"] = sampled
     if greedy_too:
         greedy = generate_answers(model, tok, prompts, greedy=True, max_new_tokens=max_new_tokens,
                                   device=device)
-        result["greedy"] = summarize(records, greedy)[0]
+        result["greedy"], result["_greedy_scores"] = summarize(records, greedy)
         result["_greedy_answers"] = greedy
     return result
 

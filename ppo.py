@@ -490,14 +490,8 @@ def final_evaluation(policy, ref, rm, tok, cfg, device):
         out[f"{name}_facets"] = {k: v for k, v in res[name]["sampled"].items() if not k.startswith("_")}
         print(f"{name}: sampled gold {res[name]['sampled']['gold_mean']:.3f} pass {res[name]['sampled']['pass_rate']:.3f} "
               f"| greedy gold {res[name]['greedy']['gold_mean']:.3f} pass {res[name]['greedy']['pass_rate']:.3f}")
-    from evaluate import score_answers
-    records = [r["record"] for r in rows]
-    s_sft = score_answers(records, res["sft"]["_sampled_answers"])[0]
-    s_ppo = score_answers(records, res["ppo"]["_sampled_answers"])[0]
-    wr, ci = win_rate(s_ppo, s_sft)
-    g_sft = score_answers(records, res["sft"]["_greedy_answers"])[0]
-    g_ppo = score_answers(records, res["ppo"]["_greedy_answers"])[0]
-    wr_g, ci_g = win_rate(g_ppo, g_sft)
+    wr, ci = win_rate(res["ppo"]["_sampled_scores"], res["sft"]["_sampled_scores"])
+    wr_g, ci_g = win_rate(res["ppo"]["_greedy_scores"], res["sft"]["_greedy_scores"])
     out |= {"win_rate_vs_sft": wr, "win_rate_ci95": list(ci), "win_rate_vs_sft_greedy": wr_g,
             "win_rate_greedy_ci95": list(ci_g),
             "kl_to_ref": sequence_kl(policy, ref, tok, rows, res["ppo"]["_sampled_answers"], cfg, device)}
