@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline on the embedded world, then a report.
 
-    python pipeline.py                       # 15-20 minutes on 2 CPU cores; writes runs/report.md
+    python pipeline.py                       # ~22 minutes on 2 CPU cores (~18 with --oracle=false); runs/report.md
     python pipeline.py --force=true          # redo every stage
     python pipeline.py --from_stage=reward   # redo reward, ppo and the report; keep the rest
 
@@ -126,7 +126,10 @@ def write_report(cfg, times):
     lines += ["", "| quantity | value |", "|---|---|"]
     rows = [("KL(PPO || SFT) per answer, nats", ppo.get("kl_to_ref")),
             ("KL(PPO oracle || SFT) per answer, nats", orc.get("kl_to_ref")),
-            ("labelers: agreement between two labelers (SFT samples)", rm.get("labeler_agreement")),
+            ("labelers: agreement between two labelers (SFT samples, double-labelled prompts)",
+             rm.get("labeler_agreement")),
+            ("labelers: expected agreement on the held-out pairs", rm.get("heldout_expected_labeler_agreement")),
+            ("best possible accuracy vs labelers on the held-out pairs", rm.get("heldout_bayes_accuracy")),
             ("labels agree with the gold judge", rm.get("label_vs_gold_accuracy")),
             ("reward model: held-out accuracy vs labelers", rm.get("heldout_acc_vs_labels")),
             ("reward model: held-out accuracy vs gold", rm.get("heldout_acc_vs_gold")),

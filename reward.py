@@ -1,6 +1,6 @@
 """Step 2 of InstructGPT: comparisons and a Bradley-Terry reward model.
 
-    python reward.py                        # embedded world: sample, label, train, evaluate (~3 min)
+    python reward.py                        # embedded world: sample, label, train 3 models, evaluate (~8 min)
     python reward.py --comparisons=hh/comparisons.jsonl --init_from=runs/sft/ckpt.pt
 
 "I can't build a fridge, but I can judge one." For each labelling prompt the SFT model answers K
@@ -19,10 +19,14 @@ Implementation details:
    -1/C(K,2) * sum log sigmoid(r(x, y_w) - r(x, y_l)). Pairwise data is the K = 2 case.
 4. After training, the head is shifted and scaled so that the demonstrations score mean 0
    (InstructGPT: "labeler demonstrations achieve a mean score of 0") and the SFT samples std 1
-   (N implementation details #7); the normalisation is recorded in the checkpoint.
+   (N implementation details #7); the normalisation is recorded in the checkpoint. An ensemble's
+   members are normalised one by one, then share one gain so that their mean has std 1 too.
 5. Evaluation on held-out comparisons: accuracy against the labelers and against the gold judge,
    mean margin, a calibration plot, the correlation of reward with answer length; and best-of-n
    (the cheapest use of a reward model) at n = 1..16 with KL = log n - (n-1)/n.
+6. `--ensemble=N` trains N reward models on the same comparisons, one after the other, from different
+   seeds (head initialisation, data order); the reward is their mean (Coste et al. 2023). Each
+   member's own held-out accuracy is reported beside the ensemble's.
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
 is the SFT model (as in Stiennon et al. 2020), one run, and the labelers are simulated.
 """
@@ -66,13 +70,15 @@ class Config:
     labeler_bias: float = -1.0  # extra utility per courtesy phrase (-1 = the value in labelers.json)
     double_label: int = 300  # prompts ranked by a second labeler to measure agreement
     val_fraction: float = 0.1  # held-out comparisons (by prompt)
-    epochs: int = 2  # passes over the comparisons
+    epochs: int = 1  # passes over the comparisons, per member (InstructGPT: one)
     batch_size: int = 16  # prompts (each with all its K answers) per optimizer step
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    lr: float = 3e-4  # measured on 2000 prompts: 1e-4 -> held-out acc 0.686, 3e-4 -> 0.707
+    min_lr: float = 3e-5
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    eval_interval: int = 100  # steps between held-out evaluations (each one scores every held-out answer)
+    ensemble: int = 3  # reward models trained from different seeds; the reward is their mean score
     best_of: int = 16  # best-of-n evaluation up to this n on the held-out prompts (0 = skip)
     n_norm: int = 512  # demonstrations / SFT samples used for the score normalisation
     seed: int = 1337
@@ -99,6 +105,26 @@ class RewardModel(nn.Module):
         return last_token_score(self.values(idx, attention_mask), attention_mask)  # (B,)
 
 
+class RewardEnsemble(nn.Module):
+    """Several reward models trained on the same comparisons from different seeds; the reward is their
+    mean score. Their errors are partly independent, so the mean is more accurate and PPO finds less to
+    exploit (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization")."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def gpt(self):  # the members share one architecture: block size, vocabulary
+        return self.members[0].gpt
+
+    def values(self, idx, attention_mask):
+        return torch.stack([m.values(idx, attention_mask) for m in self.members]).mean(0)
+
+    def forward(self, idx, attention_mask):
+        return torch.stack([m(idx, attention_mask) for m in self.members]).mean(0)
+
+
 def last_token_index(attention_mask):
     """Index of the last real token of each row, for left or right padding. (B, T) -> (B,)"""
     T = attention_mask.size(1)
@@ -121,11 +147,12 @@ def bradley_terry_loss(scores, ranking):
 
 
 def load_reward_model(path, device="cpu"):
-    """A RewardModel from a reward.py checkpoint (normalisation already folded into the head)."""
+    """A RewardModel (or a RewardEnsemble) from a reward.py checkpoint (normalisation folded into the heads)."""
     ckpt = load_checkpoint(path)
     if "reward_model" not in ckpt:
         raise SystemExit(f"error: {path!r} is not a reward model checkpoint (no 'reward_model' key)")
-    rm = RewardModel(GPT(GPTConfig(**ckpt["model_config"])))
+    members = [RewardModel(GPT(GPTConfig(**ckpt["model_config"]))) for _ in range(ckpt.get("ensemble", 1))]
+    rm = members[0] if len(members) == 1 else RewardEnsemble(members)
     rm.load_state_dict(ckpt["reward_model"])
     return rm.to(device), ckpt
 
@@ -187,6 +214,20 @@ def collect_comparisons(policy, tok, rows, cfg, device, labelers, bias):
                                                          for c in comps),
              "mean_k": sum(len(c["responses"]) for c in comps) / max(len(comps), 1)}
     return comps, stats
+
+
+def labeler_ceiling(comps, labelers, bias):
+    """What the labels allow, on these comparisons' answer pairs (embedded world only): the expected
+    agreement of two different labelers of the pool, and the best accuracy any reward model can reach
+    against one labeler's labels (it would know every utility, not which labeler labelled)."""
+    taus = [lab["tau"] for lab in labelers]
+    margins = []
+    for c in comps:
+        ends = c.get("ended") or [True] * len(c["responses"])
+        u = [W.utility(c["record"], r, e, bias) for r, e in zip(c["responses"], ends)]
+        margins += [u[i] - u[j] for i in range(len(u)) for j in range(i + 1, len(u))]
+    return {"expected_labeler_agreement": W.expected_agreement(margins, taus),
+            "bayes_accuracy": W.bayes_accuracy(margins, taus)}
 
 
 def batch_loss(rm, tok, comps, device):
@@ -318,47 +359,65 @@ def train(cfg):
     val = [comps[i] for i in perm[:n_val]]
     train_set = [comps[i] for i in perm[n_val:]]
 
-    rm = RewardModel(copy.deepcopy(policy)).to(dev.device)  # its own trunk: `policy` still samples best-of-n
-    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
+    if cfg.ensemble < 1 or cfg.eval_interval < 1:
+        raise SystemExit(f"error: --ensemble={cfg.ensemble} and --eval_interval={cfg.eval_interval} must be at least 1")
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
+    members = []
+    for m in range(cfg.ensemble):  # each member: its own trunk copy, head init (seed + m) and data order
+        torch.manual_seed(cfg.seed + m)
+        members.append(RewardModel(copy.deepcopy(policy)).to(dev.device))  # `policy` still samples best-of-n
+    rm = members[0] if cfg.ensemble == 1 else RewardEnsemble(members)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    max_steps = cfg.epochs * steps_per_epoch
-    step, history = 0, []
+    member_steps = cfg.epochs * steps_per_epoch
+    max_steps = cfg.ensemble * member_steps  # the members train one after the other
+    step, history, opt_state = 0, [], None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("ensemble", 1) != cfg.ensemble:
+            raise SystemExit(f"error: {ckpt_path} holds {ckpt.get('ensemble', 1)} reward model(s), "
+                             f"--ensemble={cfg.ensemble}: resume with the same --ensemble")
         rm.load_state_dict(ckpt["reward_model"])
         if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            opt_state = ckpt["optimizer"]
             set_rng_state(ckpt["rng"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed from {ckpt_path} at step {step}")
-    model = torch.nn.parallel.DistributedDataParallel(rm) if world > 1 else rm
     metrics = Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
     if master:
         print_config(cfg)
-        print(f"{len(train_set)} training / {len(val)} held-out comparisons; {max_steps} steps")
+        print(f"{len(train_set)} training / {len(val)} held-out comparisons; {max_steps} steps "
+              f"({cfg.ensemble} reward model{'s' if cfg.ensemble > 1 else ''})")
 
     def save(step, final=False):
         if master:
-            ckpt = {"reward_model": rm.state_dict(), "model_config": config_dict(rm.gpt.config),
-                    "config": config_dict(cfg), "tokenizer": tok.name, "step": step, "history": history}
+            ckpt = {"reward_model": rm.state_dict(), "ensemble": cfg.ensemble,
+                    "model_config": config_dict(rm.gpt.config), "config": config_dict(cfg), "tokenizer": tok.name,
+                    "step": step, "history": history}
             if not final:  # the final, normalised model is not resumable training state
                 ckpt |= {"optimizer": optimizer.state_dict(), "rng": rng_state()}
             ckpt |= extra
             save_checkpoint(ckpt_path, ckpt)
 
-    extra = {}
+    extra, current = {}, None
     t1 = time.time()
     rm.train()
     while step < max_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        m, s = divmod(step, member_steps)
+        member = members[m]
+        if current != m:  # a fresh optimizer for each member (or the saved one, when resuming mid-member)
+            current = m
+            optimizer = make_optimizer(member, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
+            if opt_state is not None and s > 0:
+                optimizer.load_state_dict(opt_state)
+            model = torch.nn.parallel.DistributedDataParallel(member) if world > 1 else member
+        epoch, i = divmod(s, steps_per_epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + 1000 * m + epoch))
         batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
         mine = [train_set[j] for j in batch_idx[rank::world]]
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        lr = lr_at(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, member_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         n_global = all_reduce_sum(torch.tensor(float(len(mine)), device=dev.device))
@@ -367,15 +426,15 @@ def train(cfg):
         losses, accs, margins, _, _ = batch_loss(model, tok, mine or [train_set[batch_idx[0]]], dev.device)
         losses, accs, margins = losses * weight, accs * weight, margins * weight
         (losses.sum() / n_global * world).backward()  # mean over the global batch of prompts
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(member.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         stats = all_reduce_sum(torch.stack([losses.sum(), accs.sum(), margins.sum()]).detach()) / n_global
-        row = {"step": step, "epoch": epoch, "loss": stats[0].item(), "accuracy": stats[1].item(),
+        row = {"step": step, "member": m, "epoch": epoch, "loss": stats[0].item(), "accuracy": stats[1].item(),
                "margin": stats[2].item(), "lr": lr, "grad_norm": float(grad_norm)}
-        if step % 20 == 0 or step == max_steps:
-            ev = evaluate_rm(rm, tok, val, dev.device)
+        if step % cfg.eval_interval == 0 or step % member_steps == 0:
+            ev = evaluate_rm(member, tok, val, dev.device)  # this member alone
             row |= {f"val_{k}": v for k, v in ev.items() if not k.startswith("_")}
             if master:
                 print(f"step {step:4d}/{max_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} | "
@@ -391,23 +450,50 @@ def train(cfg):
         ev = evaluate_rm(rm, tok, val, dev.device)
         plot_calibration(ev.pop("_calibration"), os.path.join(cfg.out_dir, "calibration.png"))
         summary |= {f"heldout_{k}": v for k, v in ev.items()}
+        if cfg.ensemble > 1:  # what averaging bought: each member alone on the same held-out pairs
+            alone = [evaluate_rm(mem, tok, val, dev.device) for mem in members]
+            summary["heldout_member_acc_vs_labels"] = [e["acc_vs_labels"] for e in alone]
+            summary["heldout_member_acc_vs_gold"] = [e["acc_vs_gold"] for e in alone]
+        labelers_path = os.path.join(cfg.world_dir, "labelers.json")
+        if all(c.get("record") for c in val) and os.path.exists(labelers_path):
+            labelers = W.load_labelers(cfg.world_dir)
+            bias = labelers["bias"] if cfg.labeler_bias < 0 else cfg.labeler_bias
+            summary |= {f"heldout_{k}": v for k, v in labeler_ceiling(val, labelers["labelers"], bias).items()}
         # normalisation: demonstrations score mean 0 (InstructGPT), SFT samples std 1 (N details #7)
         demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
         demos = random.Random(cfg.seed).sample(demos, min(cfg.n_norm, len(demos)))  # all of them if fewer
-        raw_demo = score_texts(rm, tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
-                               [d.get("ended", True) for d in demos], dev.device) if demos else []
-        sample_scores = score_texts(rm, tok, [c["prompt"] for c in comps[:cfg.n_norm] for _ in c["responses"]],
-                                    [r for c in comps[:cfg.n_norm] for r in c["responses"]],
-                                    [e for c in comps[:cfg.n_norm] for e in (c.get("ended") or [True] * len(c["responses"]))],
-                                    dev.device)
-        mean = sum(raw_demo) / len(raw_demo) if raw_demo else sum(sample_scores) / len(sample_scores)
-        std = math.sqrt(sum((s - sum(sample_scores) / len(sample_scores)) ** 2 for s in sample_scores)
-                        / len(sample_scores)) or 1.0
-        with torch.no_grad():
-            rm.head.bias.sub_(mean).div_(std)
-            rm.head.weight.div_(std)
-        extra = {"normalization": {"demo_mean_before": mean, "sample_std_before": std,
-                                   "demo_source": cfg.demonstrations if raw_demo else "sampled answers"}}
+        norm_comps = comps[:cfg.n_norm]
+
+        def demo_mean_sample_std(model):
+            sample = score_texts(model, tok, [c["prompt"] for c in norm_comps for _ in c["responses"]],
+                                 [r for c in norm_comps for r in c["responses"]],
+                                 [e for c in norm_comps for e in (c.get("ended") or [True] * len(c["responses"]))],
+                                 dev.device)
+            demo = score_texts(model, tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
+                               [d.get("ended", True) for d in demos], dev.device) if demos else sample
+            mu = sum(sample) / len(sample)
+            return sum(demo) / len(demo), math.sqrt(sum((x - mu) ** 2 for x in sample) / len(sample)) or 1.0
+
+        def shift_and_scale(head, mean, std):
+            with torch.no_grad():
+                head.bias.sub_(mean).div_(std)
+                head.weight.div_(std)
+
+        mean, std = demo_mean_sample_std(rm)  # before any change (for an ensemble: of the members' mean)
+        norm = {"demo_mean_before": mean, "sample_std_before": std,
+                "demo_source": cfg.demonstrations if demos else "sampled answers"}
+        if cfg.ensemble == 1:
+            shift_and_scale(rm.head, mean, std)
+        else:  # each member on its own (the critic starts from member 0), then one common gain for the mean
+            member_stats = [demo_mean_sample_std(mem) for mem in members]
+            for mem, (m_mean, m_std) in zip(members, member_stats):
+                shift_and_scale(mem.head, m_mean, m_std)
+            _, ens_std = demo_mean_sample_std(rm)
+            for mem in members:
+                shift_and_scale(mem.head, 0.0, ens_std)
+            norm |= {"member_demo_mean_before": [m for m, _ in member_stats],
+                     "member_sample_std_before": [v for _, v in member_stats], "ensemble_gain": 1 / ens_std}
+        extra = {"normalization": norm}
         summary |= extra
         print(f"reward normalised: demonstrations had mean {mean:.3f}, SFT samples std {std:.3f}")
         if cfg.best_of and cfg.eval_prompts:
@@ -429,10 +515,14 @@ def train(cfg):
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                      ["loss", "accuracy", "val_acc_vs_labels", "val_acc_vs_gold", "val_mean_margin"],
                      title="reward model")
-        print(f"held-out accuracy vs labelers {ev['acc_vs_labels']:.3f} (labelers vs each other "
-              f"{collect_stats.get('labeler_agreement', float('nan')):.3f}, labels vs gold "
-              f"{collect_stats.get('label_vs_gold_accuracy', float('nan')):.3f}); vs gold "
-              f"{ev['acc_vs_gold'] or float('nan'):.3f}; length corr {ev['length_corr']:.2f}")
+        nan = float("nan")
+        print(f"held-out accuracy vs labelers {ev['acc_vs_labels']:.3f} (on these pairs two labelers agree "
+              f"{summary.get('heldout_expected_labeler_agreement', nan):.3f} in expectation, the best possible "
+              f"accuracy is {summary.get('heldout_bayes_accuracy', nan):.3f}; measured agreement on "
+              f"{collect_stats.get('agreement_pairs', 0)} double-labelled pairs "
+              f"{collect_stats.get('labeler_agreement', nan):.3f}; labels vs gold "
+              f"{collect_stats.get('label_vs_gold_accuracy', nan):.3f}); vs gold "
+              f"{ev['acc_vs_gold'] or nan:.3f}; length corr {ev['length_corr']:.2f}")
     ddp_cleanup()
     return rm, history
 

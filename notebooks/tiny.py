@@ -42,7 +42,7 @@ TINY_PRETRAIN = dict(max_steps=500, batch_size=24, lr=5e-3, min_lr=5e-4, warmup_
                      eval_interval=500, eval_batches=4, log_interval=100)
 TINY_SFT = dict(epochs=3, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=10, eval_interval=1000,
                 prompts="", eval_base=False)
-TINY_REWARD = dict(k=6, double_label=100, epochs=2, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=5,
+TINY_REWARD = dict(k=6, double_label=100, epochs=2, ensemble=1, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=5,
                    best_of=0, n_norm=256, val_fraction=0.15)
 
 

@@ -118,7 +118,7 @@ def test_reward_model_two_ranks_collect_once_and_follow_one_process(tiny_world, 
     batch = next(b for b in range(4, n_train, 2) if n_train % b == 1)  # ... ending each epoch with a batch of 1
     args = [f"--init_from={sft_run}/ckpt.pt", f"--label_prompts={label}", f"--demonstrations={tiny_world.sft_train}",
             f"--world_dir={tiny_world.dir}", "--k=4", "--double_label=6", f"--val_fraction={(n_val + 0.5) / n}",
-            "--epochs=2", f"--batch_size={batch}", "--warmup_steps=2", "--best_of=0", "--n_norm=32",
+            "--epochs=2", "--ensemble=2", f"--batch_size={batch}", "--warmup_steps=2", "--best_of=0", "--n_norm=32",
             f"--max_new_tokens={MAX_NEW_TOKENS}"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script("reward.py", *args, f"--out_dir={one}")
@@ -127,7 +127,7 @@ def test_reward_model_two_ranks_collect_once_and_follow_one_process(tiny_world, 
     assert read_jsonl(os.path.join(two, "comparisons.jsonl")) == json.loads(json.dumps(collected))  # ... this
     a, b = metrics(one), metrics(two)
     steps_per_epoch = -(-n_train // batch)
-    assert [r["step"] for r in b] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [r["step"] for r in b] == list(range(1, 2 * 2 * steps_per_epoch + 1))  # 2 members x 2 epochs
     assert_same_curves(a, b, ["loss", "accuracy", "margin", "grad_norm", "val_acc_vs_labels", "val_mean_margin"])
     s1, s2 = (json.load(open(os.path.join(d, "summary.json"))) for d in (one, two))
     for key in ("demo_mean_before", "sample_std_before"):  # the normalisation, on rank 0 after training

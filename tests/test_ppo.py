@@ -235,21 +235,23 @@ def test_tiny_run_summary_and_checkpoint(ppo_run):
 @pytest.fixture(scope="module")
 def ppo_gold_run(tiny_world, pretrain_run, sft_run, reward_run):
     """Oracle mode: the gold judge is the reward. A large learning rate and a small KL coefficient so the
-    tiny policy improves within ~12 iterations of 32 prompts (~7 s)."""
+    tiny policy improves within ~16 iterations of 32 prompts (~9 s). The critic starts from the tiny
+    reward model, whose values before the last token are far off (explained variance ~ -12 at first),
+    so the first iterations mostly teach the critic."""
     out = os.path.join(tiny_world.root, "ppo_gold")
     run_script("ppo.py", *ppo_args(tiny_world, sft_run, reward_run, pretrain_run, out, reward="gold",
-                                   eval_prompts="", iterations=12, rollout_batch=32, minibatch=8, lr=1e-3,
+                                   eval_prompts="", iterations=16, rollout_batch=32, minibatch=8, lr=1e-3,
                                    beta=0.01))
     return out
 
 
 def test_ppo_on_the_gold_reward_raises_it(ppo_gold_run):
     rows = read_jsonl(os.path.join(ppo_gold_run, "metrics.jsonl"))
-    assert len(rows) == 12
+    assert len(rows) == 16
     gold = [r["gold"] for r in rows]
     assert all(r["rm_score"] == pytest.approx(r["gold"], abs=1e-6) for r in rows)  # raw score = gold in this mode
     before, after = sum(gold[:2]) / 2, sum(gold[-4:]) / 4
-    assert after > before + 0.1, gold  # ~0.22 -> ~0.4 on the tiny world; noise per iteration ~0.03
+    assert after > before + 0.1, gold  # ~0.21 -> ~0.4 on the tiny world; noise per iteration ~0.03
     assert all(r["first_ratio"] == 1.0 and r["first_approx_kl"] == 0.0 for r in rows)
     assert rows[-1]["kl_to_ref"] > 0.1  # it got there by moving away from the reference
 

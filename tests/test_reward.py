@@ -12,7 +12,9 @@ from conftest import assert_fails_clearly, read_json
 from data import world as W
 from data.formats import read_comparisons, read_sft
 from model import GPT, GPTConfig
-from reward import (RewardModel, batch_loss, best_of_n, bradley_terry_loss, last_token_index,
+import reward
+from common import read_jsonl
+from reward import (RewardEnsemble, RewardModel, batch_loss, best_of_n, bradley_terry_loss, last_token_index,
                     load_reward_model, score_texts)
 from tokenizer import get_tokenizer
 
@@ -128,6 +130,8 @@ def test_comparisons_file_is_valid(reward_run):
     assert s["n_pairs"] == sum(len(c["ranking"]) * (len(c["ranking"]) - 1) // 2 for c in comps)
     assert s["mean_k"] == pytest.approx(sum(len(c["responses"]) for c in comps) / len(comps))
     assert 0 <= s["labeler_agreement"] <= 1 and 0 <= s["heldout_acc_vs_labels"] <= 1
+    # the ceilings on the held-out pairs: knowing the utilities beats a second labeler, which beats chance
+    assert 0.5 < s["heldout_expected_labeler_agreement"] < s["heldout_bayes_accuracy"] <= 1
 
 
 def test_head_is_normalised_demonstrations_mean_0_samples_std_1(tiny_world, reward_run):
@@ -172,6 +176,71 @@ def test_best_of_n_summary(reward_run):
     # the max over a larger group of the same samples is never lower on average
     for key in ("proxy_reward", "oracle_gold_mean"):
         assert bon[0][key] <= bon[1][key] + 1e-9 <= bon[2][key] + 2e-9
+
+
+@torch.no_grad()
+def test_ensemble_score_is_the_mean_of_its_members():
+    members = [tiny_rm(seed) for seed in (0, 1, 2)]
+    ens = RewardEnsemble(members).eval()
+    idx, mask = torch.randint(0, 50, (3, 7)), torch.tensor([[0, 0, 1, 1, 1, 1, 1]] * 3)
+    scores = torch.stack([m(idx, mask) for m in members])  # (members, B)
+    assert not torch.allclose(scores[0], scores[1])  # the members really differ
+    torch.testing.assert_close(ens(idx, mask), scores.mean(0))
+    torch.testing.assert_close(ens.values(idx, mask), torch.stack([m.values(idx, mask) for m in members]).mean(0))
+    assert ens.gpt is members[0].gpt and all(k.startswith("members.") for k in ens.state_dict())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_ensemble_trains_members_in_turn_and_resume_reproduces_it(tiny_world, sft_run, reward_run, tmp_path,
+                                                                   monkeypatch):
+    def cfg(out, resume=False):
+        return reward.Config(init_from=f"{sft_run}/ckpt.pt", comparisons=os.path.join(reward_run, "comparisons.jsonl"),
+                             demonstrations=tiny_world.sft_train, world_dir=tiny_world.dir, out_dir=out, ensemble=2,
+                             epochs=1, batch_size=8, warmup_steps=2, eval_interval=2, best_of=0, n_norm=64,
+                             device="cpu", resume=resume)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    reward.train(cfg(straight))
+    a = read_jsonl(os.path.join(straight, "metrics.jsonl"))
+    ms = len(a) // 2  # steps per member
+    assert ms >= 4 and [r["member"] for r in a] == [0] * ms + [1] * ms
+    assert [r["lr"] for r in a[:ms]] == [r["lr"] for r in a[ms:]]  # each member: its own warmup and schedule
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    assert ckpt["ensemble"] == 2
+    heads = [ckpt["reward_model"][f"members.{m}.head.weight"] for m in (0, 1)]
+    assert not torch.equal(*heads)
+    s = read_json(os.path.join(straight, "summary.json"))
+    assert len(s["heldout_member_acc_vs_labels"]) == 2
+    # normalisation: every member alone, and so their mean, gives the demonstrations mean 0
+    rm, _ = load_reward_model(os.path.join(straight, "ckpt.pt"))
+    assert isinstance(rm, RewardEnsemble)
+    demos = random.Random(1337).sample(read_sft(tiny_world.sft_train), 64)
+    for model in [rm, *rm.members]:
+        scores = score_texts(model, get_tokenizer(ckpt["tokenizer"]), [d["prompt"] for d in demos],
+                             [d["response"] for d in demos], [d.get("ended", True) for d in demos], "cpu")
+        assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-3)
+    assert len(s["normalization"]["member_sample_std_before"]) == 2 and s["normalization"]["ensemble_gain"] > 0
+
+    # crash one step after a checkpoint inside the second member, then --resume: the same run, bit for bit
+    crash_at = ms + (2 if ms % 2 == 0 else 1) + 1
+    log = reward.Metrics.log
+
+    def crashing_log(self, **row):
+        if row["step"] == crash_at:
+            raise Crash
+        log(self, **row)
+    monkeypatch.setattr(reward.Metrics, "log", crashing_log)
+    with pytest.raises(Crash):
+        reward.train(cfg(split))
+    monkeypatch.setattr(reward.Metrics, "log", log)
+    reward.train(cfg(split, resume=True))
+    b = read_jsonl(os.path.join(split, "metrics.jsonl"))
+    assert [r["step"] for r in b] == list(range(1, 2 * ms + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["lr"] for r in a] == [r["lr"] for r in b]
+    wb = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["reward_model"]
+    assert all(torch.equal(ckpt["reward_model"][k], wb[k]) for k in wb)
 
 
 def test_bad_command_lines_fail_with_a_clear_message(tmp_path):

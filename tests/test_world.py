@@ -297,6 +297,19 @@ def test_expected_agreement_hand_examples():
     assert W.expected_agreement([0.2], [0.2, 0.4]) == pytest.approx(p1 * p2 + (1 - p1) * (1 - p2))  # 0.5566
 
 
+def test_bayes_accuracy_hand_examples():
+    # one labeler, margin ln 3 at tau 1: p = 3/4, the best guess is right 3/4 of the time
+    assert W.bayes_accuracy([math.log(3)], [1.0]) == pytest.approx(0.75)
+    # the sign of the margin does not matter; a zero margin is a coin flip
+    assert W.bayes_accuracy([-math.log(3), 0.0], [1.0]) == pytest.approx((0.75 + 0.5) / 2)
+    # two labelers, p1 = sigmoid(1) = 0.7311 and p2 = sigmoid(0.5) = 0.6225: max of the mean, 0.6768
+    p1, p2 = 1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(-0.5))
+    assert W.bayes_accuracy([0.2], [0.2, 0.4]) == pytest.approx((p1 + p2) / 2)
+    # knowing the utilities beats a second labeler: max(p, 1 - p) >= p^2 + (1 - p)^2
+    margins = [0.05, -0.3, 0.33, 0.0, 1.2]
+    assert W.bayes_accuracy(margins, [0.2, 0.3]) > W.expected_agreement(margins, [0.2, 0.3])
+
+
 def test_calibrate_tau_hits_target():
     # one margin, one tau: p^2 + (1-p)^2 = 0.73  <->  p = (1 + sqrt(2 * 0.73 - 1)) / 2 = 0.8391, logit(p) = 1.6517
     p = (1 + math.sqrt(2 * 0.73 - 1)) / 2
