@@ -360,7 +360,8 @@ def train(cfg):
     train_set = [comps[i] for i in perm[n_val:]]
 
     if cfg.ensemble < 1 or cfg.eval_interval < 1:
-        raise SystemExit(f"error: --ensemble={cfg.ensemble} and --eval_interval={cfg.eval_interval} must be at least 1")
+        raise SystemExit(f"error: --ensemble={cfg.ensemble} and --eval_interval={cfg.eval_interval} "
+                         f"must be at least 1")
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
     members = []
@@ -463,36 +464,38 @@ def train(cfg):
         demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
         demos = random.Random(cfg.seed).sample(demos, min(cfg.n_norm, len(demos)))  # all of them if fewer
         norm_comps = comps[:cfg.n_norm]
+        norm_samples = ([c["prompt"] for c in norm_comps for _ in c["responses"]],
+                        [r for c in norm_comps for r in c["responses"]],
+                        [e for c in norm_comps for e in (c.get("ended") or [True] * len(c["responses"]))])
+        norm_demos = ([d["prompt"] for d in demos], [d["response"] for d in demos],
+                      [d.get("ended", True) for d in demos])
 
-        def demo_mean_sample_std(model):
-            sample = score_texts(model, tok, [c["prompt"] for c in norm_comps for _ in c["responses"]],
-                                 [r for c in norm_comps for r in c["responses"]],
-                                 [e for c in norm_comps for e in (c.get("ended") or [True] * len(c["responses"]))],
-                                 dev.device)
-            demo = score_texts(model, tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
-                               [d.get("ended", True) for d in demos], dev.device) if demos else sample
+        def demo_mean_sample_std(demo, sample):
             mu = sum(sample) / len(sample)
             return sum(demo) / len(demo), math.sqrt(sum((x - mu) ** 2 for x in sample) / len(sample)) or 1.0
 
-        def shift_and_scale(head, mean, std):
-            with torch.no_grad():
-                head.bias.sub_(mean).div_(std)
-                head.weight.div_(std)
+        def mean_of(score_lists):  # the ensemble's score of each text: the mean of its members' scores
+            return [sum(v) / len(v) for v in zip(*score_lists)]
 
-        mean, std = demo_mean_sample_std(rm)  # before any change (for an ensemble: of the members' mean)
+        raw = []  # (demonstration scores, sample scores) of every member, each member scored once
+        for mem in members:
+            sample = score_texts(mem, tok, *norm_samples, dev.device)
+            raw.append((score_texts(mem, tok, *norm_demos, dev.device) if demos else sample, sample))
+        mean, std = demo_mean_sample_std(mean_of([d for d, _ in raw]), mean_of([x for _, x in raw]))
+        member_stats = [demo_mean_sample_std(d, x) for d, x in raw]
+        # each member on its own: demonstrations mean 0, samples std 1 (the PPO critic starts from member 0);
+        # then one common gain so that the members' mean has std 1 too (exactly 1 for a single model)
+        normalised = [[(v - m) / sd for v in x] for (_, x), (m, sd) in zip(raw, member_stats)]
+        _, ens_std = demo_mean_sample_std([0.0], mean_of(normalised))
+        with torch.no_grad():
+            for mem, (m, sd) in zip(members, member_stats):
+                mem.head.bias.sub_(m).div_(sd * ens_std)
+                mem.head.weight.div_(sd * ens_std)
         norm = {"demo_mean_before": mean, "sample_std_before": std,
                 "demo_source": cfg.demonstrations if demos else "sampled answers"}
-        if cfg.ensemble == 1:
-            shift_and_scale(rm.head, mean, std)
-        else:  # each member on its own (the critic starts from member 0), then one common gain for the mean
-            member_stats = [demo_mean_sample_std(mem) for mem in members]
-            for mem, (m_mean, m_std) in zip(members, member_stats):
-                shift_and_scale(mem.head, m_mean, m_std)
-            _, ens_std = demo_mean_sample_std(rm)
-            for mem in members:
-                shift_and_scale(mem.head, 0.0, ens_std)
+        if cfg.ensemble > 1:
             norm |= {"member_demo_mean_before": [m for m, _ in member_stats],
-                     "member_sample_std_before": [v for _, v in member_stats], "ensemble_gain": 1 / ens_std}
+                     "member_sample_std_before": [sd for _, sd in member_stats], "ensemble_gain": 1 / ens_std}
         extra = {"normalization": norm}
         summary |= extra
         print(f"reward normalised: demonstrations had mean {mean:.3f}, SFT samples std {std:.3f}")
