@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline on the embedded world, then a report.
 
-    python pipeline.py                       # ~22 minutes on 2 CPU cores (~18 with --oracle=false); runs/report.md
+    python pipeline.py                       # ~27 minutes on 2 CPU cores (~23 with --oracle=false); runs/report.md
     python pipeline.py --force=true          # redo every stage
     python pipeline.py --from_stage=reward   # redo reward, ppo and the report; keep the rest
 

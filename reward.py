@@ -1,6 +1,6 @@
 """Step 2 of InstructGPT: comparisons and a Bradley-Terry reward model.
 
-    python reward.py                        # embedded world: sample, label, train 3 models, evaluate (~8 min)
+    python reward.py                        # embedded world: sample, label, train 3 models, evaluate (~14 min)
     python reward.py --comparisons=hh/comparisons.jsonl --init_from=runs/sft/ckpt.pt
 
 "I can't build a fridge, but I can judge one." For each labelling prompt the SFT model answers K
@@ -28,7 +28,12 @@ Implementation details:
    seeds (head initialisation, data order); the reward is their mean (Coste et al. 2023). Each
    member's own held-out accuracy is reported beside the ensemble's.
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
-is the SFT model (as in Stiennon et al. 2020), one run, and the labelers are simulated.
+is the SFT model (as in Stiennon et al. 2020), one run, and the labelers are simulated. InstructGPT
+trains one epoch (more overfit its 6B model); our ~1M-parameter members gain from a second one
+(measured on the default world, ensemble of 3: held-out accuracy 0.719 -> 0.724 against the labelers,
+0.837 -> 0.846 against gold; best-of-16 pass rate 0.547 -> 0.593; PPO's held-out pass rate, three
+seeds at 150 iterations, 0.524 -> 0.547 on average: ppo.py). Five members of one epoch each instead:
+0.714 / 0.831, best-of-16 0.547.
 """
 import copy
 import math
@@ -70,7 +75,7 @@ class Config:
     labeler_bias: float = -1.0  # extra utility per courtesy phrase (-1 = the value in labelers.json)
     double_label: int = 300  # prompts ranked by a second labeler to measure agreement
     val_fraction: float = 0.1  # held-out comparisons (by prompt)
-    epochs: int = 1  # passes over the comparisons, per member (InstructGPT: one)
+    epochs: int = 2  # passes over the comparisons, per member (InstructGPT: one; see Deviations above)
     batch_size: int = 16  # prompts (each with all its K answers) per optimizer step
     lr: float = 3e-4  # measured on 2000 prompts: 1e-4 -> held-out acc 0.686, 3e-4 -> 0.707
     min_lr: float = 3e-5
@@ -121,8 +126,11 @@ class RewardEnsemble(nn.Module):
     def values(self, idx, attention_mask):
         return torch.stack([m.values(idx, attention_mask) for m in self.members]).mean(0)
 
+    def member_scores(self, idx, attention_mask):
+        return torch.stack([m(idx, attention_mask) for m in self.members])  # (E, B)
+
     def forward(self, idx, attention_mask):
-        return torch.stack([m(idx, attention_mask) for m in self.members]).mean(0)
+        return self.member_scores(idx, attention_mask).mean(0)
 
 
 def last_token_index(attention_mask):
