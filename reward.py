@@ -29,8 +29,8 @@ Implementation details:
    member's own held-out accuracy is reported beside the ensemble's.
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
 is the SFT model (as in Stiennon et al. 2020), one run, and the labelers are simulated. InstructGPT
-trains one epoch (more overfit its 6B model); our ~1M-parameter members gain from a second one
-(measured on the default world, ensemble of 3: held-out accuracy 0.719 -> 0.724 against the labelers,
+trains one epoch (more epochs overfit its 6B model); our ~1M-parameter members gain from a second
+one (measured on the default world with --threads=1, ensemble of 3: held-out accuracy 0.719 -> 0.724 against the labelers,
 0.837 -> 0.846 against gold; best-of-16 pass rate 0.547 -> 0.593; PPO's held-out pass rate, three
 seeds at 150 iterations, 0.524 -> 0.547 on average: ppo.py). Five members of one epoch each instead:
 0.714 / 0.831, best-of-16 0.547.
