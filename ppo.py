@@ -211,8 +211,9 @@ def adaptive_beta(beta, kl, target, n_steps, horizon):
 
 def uncertainty_weighted(member_scores, coef):
     """Coste et al. 2023 (UWO): an ensemble's mean score minus coef times the members' variance, so
-    answers the reward models disagree on are worth less. member_scores (E, B) -> (B,)"""
-    return member_scores.mean(0) - coef * member_scores.var(0, unbiased=False)
+    answers the reward models disagree on are worth less. member_scores (E, B) -> (scores, variance), (B,) each"""
+    variance = member_scores.var(0, unbiased=False)
+    return member_scores.mean(0) - coef * variance, variance
 
 
 def entropy_from_logits(logits):
@@ -270,9 +271,7 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     if cfg.reward == "gold":
         scores = torch.tensor([j["score"] for j in judged], device=device)
     elif isinstance(rm, RewardEnsemble):  # the members' mean, less coef x their variance when asked for
-        members = rm.member_scores(seq, mask).float()  # (E, B)
-        scores = uncertainty_weighted(members, cfg.uncertainty_coef)
-        disagreement = members.var(0, unbiased=False)
+        scores, disagreement = uncertainty_weighted(rm.member_scores(seq, mask).float(), cfg.uncertainty_coef)
     else:
         scores = rm(seq, mask).float()
     ref_logits = ref(seq, attention_mask=mask)[0][:, P - 1:-1]
@@ -316,10 +315,10 @@ def train(cfg):
     rm, rm_ckpt = load_reward_model(cfg.reward_model, device)
     rm.eval().requires_grad_(False)
     first = rm.members[0] if isinstance(rm, RewardEnsemble) else rm  # an ensemble's critic starts from member 0
-    if cfg.uncertainty_coef and (cfg.reward != "rm" or first is rm):
+    if cfg.uncertainty_coef and (cfg.reward != "rm" or not isinstance(rm, RewardEnsemble)):
         raise SystemExit(f"error: --uncertainty_coef={cfg.uncertainty_coef} needs --reward=rm and an ensemble "
                          f"reward model (reward.py --ensemble=2 or more); got --reward={cfg.reward} and "
-                         f"{len(rm.members) if isinstance(rm, RewardEnsemble) else 1} model(s) in {cfg.reward_model}")
+                         f"{cfg.reward_model}")
     critic = copy.deepcopy(first) if cfg.value_model == "separate" else RewardModel(policy)
     if cfg.value_model == "shared":
         critic.head.load_state_dict(first.head.state_dict())  # the head at least starts from the RM's

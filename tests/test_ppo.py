@@ -180,8 +180,10 @@ def test_adaptive_beta_by_hand():
 def test_uncertainty_weighted_reward_by_hand():
     members = torch.tensor([[1.0, 2.0, -1.0], [3.0, 2.0, 1.0]])  # 2 reward models x 3 answers
     # means 2, 2, 0; population variances 1, 0, 1
-    assert torch.allclose(uncertainty_weighted(members, 0.5), torch.tensor([1.5, 2.0, -0.5]))
-    assert torch.equal(uncertainty_weighted(members, 0.0), members.mean(0))
+    scores, variance = uncertainty_weighted(members, 0.5)
+    assert torch.allclose(scores, torch.tensor([1.5, 2.0, -0.5]))
+    assert torch.allclose(variance, torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(uncertainty_weighted(members, 0.0)[0], members.mean(0))
 
 
 @pytest.mark.parametrize("shared", [False, True])
