@@ -1,7 +1,7 @@
 """Throughput of model.py: training steps (ours vs an independent reference) and batched generation
 with and without the KV cache.
 
-    python bench.py                                  # embedded preset on this machine (~15 s on 2 cores)
+    python bench.py                                  # embedded preset on this machine (seconds)
     python bench.py --config=gpt2 --batch_size=16    # GPT-2 124M (on a GPU: bf16 autocast, MFU)
     python bench.py --reference=false                # skip the reference model
 
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import parse_config, print_config
-from model import GPT, PRESETS, pick_device
+from common import parse_config, pick_device, print_config
+from model import GPT, PRESETS
 
 
 @dataclass

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import load_model, parse_config, print_config
-from model import GPT, HF_GPT2_NAMES, pick_device, sample_next_token
+from common import parse_config, pick_device, print_config
+from engine import load_policy, load_reward_model, score_texts
+from model import sample_next_token
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,20 +84,16 @@ def fit_prompt(prompt_ids, block_size, max_new_tokens):
     return prompt_ids[-room:]
 
 
-def load_policy(path, device):
+def load_chat_model(path, device):
     """(model, tokenizer) from a pretrain/sft/ppo checkpoint, a GPT-2 name or a Hugging Face folder."""
-    if path in HF_GPT2_NAMES or os.path.isdir(path):
-        model, tok = GPT.from_pretrained(path), get_tokenizer("gpt2")
-        if model.config.vocab_size < tok.n_vocab:  # raw GPT-2 lacks our chat tokens (never trained on them)
-            model.resize_vocab(tok.n_vocab)
-    else:
-        model, ckpt = load_model(path)
-        tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
+    model, tok_name = load_policy(path, device)
+    tok = get_tokenizer(tok_name)
+    if model.config.vocab_size < tok.n_vocab:  # raw GPT-2 lacks our chat tokens (never trained on them)
+        model.resize_vocab(tok.n_vocab)
     return model.to(device).eval(), tok
 
 
 def load_scorer(path, tok, device):
-    from reward import load_reward_model  # imported only when asked for: reward.py pulls in the world
     rm, ckpt = load_reward_model(path, device)
     if ckpt.get("tokenizer", "embedded") != tok.name:
         raise SystemExit(f"error: reward model {path!r} uses tokenizer {ckpt.get('tokenizer')!r}, "
@@ -133,7 +130,6 @@ def answer(model, tok, prompt, cfg, dev, generator, stream=None):
 
 
 def reward_line(rm, tok, prompt, text, ended, device):
-    from reward import score_texts
     r = score_texts(rm, tok, [prompt], [text], [ended], device)[0]
     return f"[reward {r:+.2f}{'' if ended else ', no <|end|>'}]"
 
@@ -145,7 +141,7 @@ def main():
         if not one_shot:
             print_config(cfg)
         dev = pick_device(cfg.device)
-        model, tok = load_policy(cfg.checkpoint, dev.device)
+        model, tok = load_chat_model(cfg.checkpoint, dev.device)
         rm = load_scorer(cfg.reward_model, tok, dev.device) if cfg.reward_model else None
     generator = torch.Generator(device=dev.device).manual_seed(cfg.seed)
     if one_shot:

@@ -1,7 +1,7 @@
-"""Plumbing shared by every stage script: --key=value configs, run folders, metrics, checkpoints, DDP.
+"""Plumbing shared by every stage script: configs, run folders, metrics, checkpoints, device, optimizer, DDP.
 
-Nothing here is machine learning. Each stage script (pretrain.py, sft.py, reward.py, ppo.py) reads
-top to bottom and calls these few helpers so that all stages follow the same conventions:
+Each stage script (pretrain.py, sft.py, reward.py, ppo.py) reads top to bottom and calls these few
+helpers so that all stages follow the same conventions:
 
 - one flat `@dataclass Config` per script, overridden by `--key=value` on the command line;
   an unknown key or a bad value is an error that names the valid keys / the option;
@@ -9,7 +9,10 @@ top to bottom and calls these few helpers so that all stages follow the same con
   step), `summary.json` (final numbers), checkpoints and PNG plots drawn from metrics.jsonl;
 - checkpoints are plain dicts written atomically (temp file + rename) and loaded with
   `torch.load(..., weights_only=True)`;
-- under `torchrun`, DistributedDataParallel with one process per device; rank 0 logs and saves.
+- one helper picks the device and dtype and says why (`pick_device`);
+- one optimizer and one learning-rate schedule for every stage (AdamW, warmup then cosine);
+- under `torchrun`, DistributedDataParallel with one process per device; rank 0 logs and saves;
+  statistics cross ranks as named dicts (`reduce_stats`).
 """
 import contextlib
 import dataclasses
@@ -19,7 +22,10 @@ import math
 import os
 import random
 import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -92,6 +98,16 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+def open_run(cfg, master, *notes):
+    """Print the resolved config and a line per note (rank 0), then open the run's metrics.jsonl: a
+    fresh one, or the one a --resume continues."""
+    if master:
+        print_config(cfg)
+        for note in notes:
+            print(note)
+    return Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -141,6 +157,27 @@ def plot_metrics(metrics_path, png_path, keys, x="step", title=None):
     return png_path
 
 
+def plot_calibration(calib, path, bins=10):
+    """Reliability diagram of a reward model: calib = [(predicted P(A preferred), 1.0 if A was preferred)]."""
+    plt = pyplot()
+    xs, ys, ns = [], [], []
+    for k in range(bins):
+        pts = [(p, y) for p, y in calib if k / bins <= p < (k + 1) / bins or (k == bins - 1 and p == 1)]
+        if pts:
+            xs.append(sum(p for p, _ in pts) / len(pts))
+            ys.append(sum(y for _, y in pts) / len(pts))
+            ns.append(len(pts))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot(xs, ys, "o-", label="reward model")
+    ax.set_xlabel("predicted P(labeler prefers A) = sigmoid(r_A - r_B)")
+    ax.set_ylabel("fraction the labeler preferred A")
+    ax.set_title("reward model calibration (held out)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, ckpt):
@@ -180,13 +217,89 @@ def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+# ----------------------------------------------------------------------------- device and dtype
+
+@dataclass
+class Device:
+    device: str         # "cuda", "cuda:1", "mps" or "cpu"
+    dtype: torch.dtype  # torch.float32 or the autocast dtype (torch.bfloat16)
+    compile: bool       # whether to torch.compile the training model
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
+
+
+def pick_device(device="auto", dtype="auto", compile=False):
+    """cuda > mps > cpu; bf16 autocast only on a GPU that supports it; TF32 matmuls on CUDA;
+    torch.compile only on CUDA. Prints one line saying what it chose and why."""
+    why = "asked for"
+    if device == "auto":
+        device, why = (("cuda", "CUDA available") if torch.cuda.is_available() else
+                       ("mps", "Apple MPS, no CUDA") if torch.backends.mps.is_available() else ("cpu", "no CUDA or MPS"))
+    kind = device.split(":")[0]
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise SystemExit(f"error: device {device!r} asked for but it is not available here")
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported():
+        dt, dwhy = torch.bfloat16, "bf16 autocast, supported by this GPU"
+    elif dtype == "auto":
+        dt, dwhy = torch.float32, {"cpu": "fp32, bf16 autocast measured no faster on CPU",
+                                   "mps": "fp32, bf16 autocast not relied on for MPS",
+                                   "cuda": "fp32, GPU lacks bf16 (fp16 would need a loss scaler)"}[kind]
+    elif dtype in names:
+        dt, dwhy = names[dtype], f"{dtype} asked for"
+    else:
+        raise SystemExit(f"error: dtype {dtype!r}: expected auto, {', '.join(names)}")
+    if kind == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+        dwhy += ", TF32 matmuls on"
+    use_compile = bool(compile) and kind == "cuda"
+    print(f"pick_device: {device} ({why}); {dwhy}; torch.compile "
+          f"{'on' if use_compile else 'off (only used on CUDA)' if compile else 'off'}")
+    return Device(device=device, dtype=dt, compile=use_compile)
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule, token batches
+
+def make_optimizer(model, lr, weight_decay, device_type="cpu"):
+    """AdamW with decay on matrices (2-D) only, not on biases and LayerNorm gains (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+
+
+def lr_at(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps (0-based step)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def get_batch(data, batch_size, block_size, generator):
+    """Random windows of a token array: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    return x, y  # (B, T), (B, T)
+
+
 # ----------------------------------------------------------------------------- distributed (torchrun)
 
 def ddp_setup(device="auto"):
     """Returns (rank, world_size). Under torchrun, starts the process group: NCCL when the run uses
     CUDA, gloo on CPU. CPU ranks get an equal share of the cores (one thread each on 2 cores): N
-    processes with torch's default thread count each oversubscribe the machine (ENV_NOTES: 2 x 2
-    threads on 2 cores run ~3x slower). An explicit --threads set after this call still wins."""
+    processes with torch's default thread count each oversubscribe the machine (2 x 2 threads on
+    2 cores run ~3x slower: docs/EXPERIMENTS.md). An explicit --threads set after this call still wins."""
     if "RANK" not in os.environ:
         return 0, 1
     cuda = torch.cuda.is_available() and device.split(":")[0] in ("auto", "cuda")
@@ -209,7 +322,7 @@ def ddp_barrier():
 
 def ddp_cleanup():
     if dist.is_available() and dist.is_initialized():
-        ddp_barrier()  # without it, ~15% of gloo runs abort at exit (measured, ENV_NOTES)
+        ddp_barrier()  # without it, ~15% of gloo runs abort at exit (docs/EXPERIMENTS.md)
         dist.destroy_process_group()
 
 
@@ -227,6 +340,11 @@ def rank0_first():
         dist.barrier()
 
 
+def ddp_wrap(model, world):
+    """DistributedDataParallel around `model` under torchrun, the model itself in a single process."""
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
 def all_reduce_sum(x):
     """Sum a tensor over ranks (no-op in a single process). Returns the tensor."""
     if dist.is_available() and dist.is_initialized():
@@ -241,6 +359,15 @@ def all_reduce_mean(x):
     return x
 
 
+def reduce_stats(stats, op="sum", device="cpu"):
+    """A dict of numbers summed (or averaged, op="mean") over ranks in one all-reduce; the values
+    travel as one float32 tensor, so a single process gets them back rounded to float32 too."""
+    keys = list(stats)  # every rank must send the same keys in the same order
+    t = torch.tensor([float(stats[k]) for k in keys], device=device)
+    t = all_reduce_mean(t) if op == "mean" else all_reduce_sum(t)
+    return dict(zip(keys, t.tolist()))
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -248,14 +375,3 @@ def all_gather_object(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def load_model(path, device="cpu"):
-    """A GPT from a pretrain/sft/ppo checkpoint (dict with "model" and "model_config")."""
-    from model import GPT, GPTConfig
-    ckpt = load_checkpoint(path)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise SystemExit(f"error: {path!r} is not a policy checkpoint (no 'model'/'model_config' keys)")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt

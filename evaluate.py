@@ -1,16 +1,17 @@
-"""Sampling answers from a policy and scoring them: shared by sft.py, reward.py, ppo.py and pipeline.py.
+"""Evaluating policies against the gold judge: pass rates, facets, win rates, KL to the reference.
 
     python evaluate.py --checkpoint=runs/ppo/ckpt.pt          # gold mean / pass rate on held-out prompts
 
-1. Prompts are rendered with the chat template and LEFT-padded so that every answer starts at the
-   same column; the model's position ids come from the attention mask (N implementation details #3).
-2. Answers are sampled with the KV cache; an answer "ended" if it produced <|end|> within
-   max_new_tokens. The gold judge (data/world.py) sees the text and whether it ended.
-3. Comparisons between policies use the same prompts, the same decoding and many samples per
+1. Answers are sampled through engine.generate_answers (chat template, left padding, KV cache); the
+   gold judge (data/world.py) sees the text and whether the answer ended.
+2. Comparisons between policies use the same prompts, the same decoding and many samples per
    prompt (one sample on 300 prompts has a standard error of ~0.03; eight have ~0.01).
-4. Win rate: each prompt's answers are paired sample by sample; ties count half; a bootstrap over
+3. Win rate: each prompt's answers are paired sample by sample; ties count half; a bootstrap over
    prompts gives the 95% confidence interval.
+4. KL to the reference: the mean over sampled answers of sum_t log pi(y_t) - log pi_ref(y_t), an
+   unbiased estimate of KL(pi || pi_ref) per answer.
 """
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -18,47 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from data.world import judge
+from engine import generate_answers, pack, score_texts
+from model import token_logprobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def left_pad(seqs, pad_id):
-    """List of token lists -> (ids (B, T), attention_mask (B, T)) padded on the left."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def generate_answers(model, tok, prompts, n=1, temperature=1.0, greedy=False, max_new_tokens=48,
-                     batch_size=256, seed=0, device="cpu", top_k=None, top_p=None):
-    """Sample n answers to each prompt. Returns answers[i][j] = {"text", "ended", "ids"}."""
-    was_training = model.training
-    model.eval()
-    jobs = [(i, tok.render_chat(p)[0]) for i, p in enumerate(prompts) for _ in range(1 if greedy else n)]
-    jobs.sort(key=lambda job: len(job[1]))  # similar lengths per batch: less padding
-    gen = torch.Generator(device=device).manual_seed(seed)
-    answers = [[] for _ in prompts]
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b:b + batch_size]
-        ids, mask = left_pad([p for _, p in chunk], tok.pad_id)
-        out, out_mask = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                       max_new_tokens=max_new_tokens, temperature=temperature,
-                                       greedy=greedy, top_k=top_k, top_p=top_p, eos_id=tok.end_id,
-                                       pad_id=tok.pad_id, generator=gen)
-        for (i, _), row, row_mask in zip(chunk, out.tolist(), out_mask.tolist()):
-            real = [t for t, m in zip(row, row_mask) if m]
-            ended = bool(real) and real[-1] == tok.end_id
-            answers[i].append({"text": tok.decode_response(real), "ended": ended, "ids": real})
-    if greedy and n > 1:
-        answers = [a * n for a in answers]
-    model.train(was_training)
-    return answers
 
 
 def score_answers(records, answers):
@@ -120,21 +84,103 @@ def evaluate_policy(model, tok, rows, n_samples=8, temperature=1.0, device="cpu"
     return result
 
 
+def best_of_n(records, samples, rewards, ns):
+    """For each n: split each prompt's samples into groups of n, keep the highest-reward answer of each
+    group (and, for the ceiling, the highest-gold one). Gold mean / pass rate, KL = log n - (n-1)/n."""
+    out = []
+    for n in ns:
+        g_rm = p_rm = g_or = p_or = r_rm = count = 0
+        for rec, ans, rw in zip(records, samples, rewards):
+            judged = [judge(rec, a["text"], a["ended"]) for a in ans]
+            for start in range(0, len(ans) - n + 1, n):
+                grp = range(start, start + n)
+                best = max(grp, key=lambda i: rw[i])
+                oracle = max(grp, key=lambda i: judged[i]["score"])
+                g_rm += judged[best]["score"]
+                p_rm += judged[best]["pass"]
+                r_rm += rw[best]
+                g_or += judged[oracle]["score"]
+                p_or += judged[oracle]["pass"]
+                count += 1
+        out.append({"n": n, "kl": math.log(n) - (n - 1) / n, "gold_mean": g_rm / count, "pass_rate": p_rm / count,
+                    "proxy_reward": r_rm / count, "oracle_gold_mean": g_or / count, "oracle_pass_rate": p_or / count})
+    return out
+
+
+def evaluate_best_of_n(policy, rm, tok, rows, n_max, temperature, max_new_tokens, seed, device, verbose=True):
+    """Best-of-n with a reward model on prompt rows with gold records, n = 1, 2, 4, ... n_max: n_max
+    samples per prompt from `policy`, scored once by `rm`, split into groups for every n (best_of_n).
+    Returns best_of_n's rows."""
+    ns = [2 ** i for i in range(int(math.log2(n_max)) + 1)]
+    samples = generate_answers(policy, tok, [r["prompt"] for r in rows], n=n_max, temperature=temperature,
+                               max_new_tokens=max_new_tokens, seed=seed, device=device)
+    flat = score_texts(rm, tok, [r["prompt"] for r, a in zip(rows, samples) for _ in a],
+                       [x["text"] for a in samples for x in a], [x["ended"] for a in samples for x in a], device)
+    rewards = [flat[i * n_max:(i + 1) * n_max] for i in range(len(rows))]
+    out = best_of_n([r["record"] for r in rows], samples, rewards, ns)
+    for r in out if verbose else []:
+        print(f"best-of-{r['n']:<3d} KL {r['kl']:.2f} | proxy {r['proxy_reward']:+.3f} | gold {r['gold_mean']:.3f} "
+              f"pass {r['pass_rate']:.3f} | by gold: pass {r['oracle_pass_rate']:.3f}")
+    return out
+
+
+@torch.no_grad()
+def sequence_kl(policy, ref, tok, prompts, answers, temperature, device, batch_size=128):
+    """Mean over answers of sum_t log pi(y_t) - log pi_ref(y_t): the KL to the reference, estimated on
+    samples of pi. answers[i] = the list of sampled answers (with their "ids") to prompts[i]."""
+    items = [(tok.render_chat(p)[0], a["ids"]) for p, ans in zip(prompts, answers) for a in ans]
+    total = 0.0
+    for b in range(0, len(items), batch_size):
+        chunk = items[b:b + batch_size]
+        seq, mask, P, resp, rmask = pack([p for p, _ in chunk], [a for _, a in chunk], tok.pad_id)
+        seq, mask, resp, rmask = seq.to(device), mask.to(device), resp.to(device), rmask.to(device)
+        lp = token_logprobs(policy(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
+        rlp = token_logprobs(ref(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
+        total += ((lp - rlp) * rmask).sum().item()
+    return total / len(items)
+
+
+def compare_to_reference(policy, ref, tok, rows, n_samples, temperature, device, max_new_tokens, seed=0):
+    """A trained policy against its reference (the SFT model) on held-out prompts with gold records:
+    gold mean and pass rate of both (sampled and greedy), win rate with its CI, KL to the reference,
+    per-facet rates and a few answers side by side. Every step-3 method reports this."""
+    out, res = {}, {}
+    for name, model in (("sft", ref), ("ppo", policy)):
+        res[name] = evaluate_policy(model, tok, rows, n_samples, temperature, device, max_new_tokens, seed=seed)
+        for mode in ("sampled", "greedy"):
+            out[f"{name}_gold_mean" + ("" if mode == "sampled" else "_greedy")] = res[name][mode]["gold_mean"]
+            out[f"{name}_pass_rate" + ("" if mode == "sampled" else "_greedy")] = res[name][mode]["pass_rate"]
+        out[f"{name}_facets"] = {k: v for k, v in res[name]["sampled"].items() if not k.startswith("_")}
+        print(f"{name}: sampled gold {res[name]['sampled']['gold_mean']:.3f} pass {res[name]['sampled']['pass_rate']:.3f} "
+              f"| greedy gold {res[name]['greedy']['gold_mean']:.3f} pass {res[name]['greedy']['pass_rate']:.3f}")
+    wr, ci = win_rate(res["ppo"]["_sampled_scores"], res["sft"]["_sampled_scores"])
+    wr_g, ci_g = win_rate(res["ppo"]["_greedy_scores"], res["sft"]["_greedy_scores"])
+    prompts = [r["prompt"] for r in rows]
+    out |= {"win_rate_vs_sft": wr, "win_rate_ci95": list(ci), "win_rate_vs_sft_greedy": wr_g,
+            "win_rate_greedy_ci95": list(ci_g),
+            "kl_to_ref": sequence_kl(policy, ref, tok, prompts, res["ppo"]["_sampled_answers"], temperature, device)}
+    print(f"win rate vs SFT {wr:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}); greedy {wr_g:.3f}; KL to ref {out['kl_to_ref']:.3f}")
+    out["examples"] = [{"prompt": r["prompt"], "sft": a["text"], "ppo": b["text"]}
+                       for r, a, b in list(zip(rows, [x[0] for x in res["sft"]["_sampled_answers"]],
+                                               [x[0] for x in res["ppo"]["_sampled_answers"]]))[:12]]
+    return out
+
+
 @dataclass
 class Config:
     checkpoint: str = os.path.join(HERE, "runs", "sft", "ckpt.pt")  # a policy checkpoint (pretrain/sft/ppo)
     prompts: str = os.path.join(HERE, "data", "world", "prompts_eval.jsonl")  # prompts with gold records
     n_samples: int = 8  # samples per prompt at `temperature`
-    temperature: float = 1.0
-    max_new_tokens: int = 48
-    seed: int = 0
-    device: str = "auto"
+    temperature: float = 1.0  # sampling temperature
+    max_new_tokens: int = 48  # longest answer, in tokens
+    seed: int = 0  # seed of the sampling generator
+    device: str = "auto"  # auto | cpu | cuda | mps
 
 
 def main():
-    from common import load_model, parse_config, print_config
+    from common import parse_config, pick_device, print_config
     from data.formats import read_prompts
-    from model import pick_device
+    from engine import load_model
     from tokenizer import get_tokenizer
     cfg = parse_config(Config)
     print_config(cfg)

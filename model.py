@@ -1,7 +1,7 @@
 """GPT-2 in one file: the Transformer, its KV-cache generation and its weight import.
 
-One model serves every stage: pretraining (pretrain.py), SFT (sft.py), the reward model (a scalar head
-on `hidden_states`, reward.py), the PPO policy / reference / value model (ppo.py) and chat (chat.py).
+One model serves every stage: pretraining, SFT, the reward model (a scalar head on `hidden_states`,
+engine.RewardModel), the PPO policy / reference / value model and chat; engine.py runs it on chats.
 The structure is nanoGPT's; what RLHF adds is left-padded batches, log-probs of given tokens, fast
 batched sampling and loading OpenAI's GPT-2 weights.
 
@@ -32,8 +32,7 @@ Implementation details (GPT-2 = Radford et al. 2019; code follows nanoGPT):
 8. Sampling: temperature, top-k, top-p (nucleus, Holtzman et al. 2019), greedy; each sequence stops
    at its eos (the eos is kept and marked real; later slots are pad_id and masked); the batch stops
    when all have stopped. An optional torch.Generator makes sampling reproducible.
-9. resize_vocab appends rows for our chat special tokens, initialised to the mean embedding
-   (Hewitt 2021, "Initializing new word embeddings for pretrained language models").
+9. resize_vocab appends rows for our chat special tokens, initialised to the mean embedding (Hewitt 2021).
 10. flops_per_token = 6N + 12*L*H*D*T (PaLM appendix B, as in nanoGPT); N excludes position
     embeddings, but keeps wte because it is also the output projection.
 
@@ -47,7 +46,6 @@ import math
 import os
 import shutil
 import urllib.request
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -400,48 +398,3 @@ def _download(url, path):
         raise RuntimeError(f"could not download {url} ({e}); put the file in {os.path.dirname(path)} "
                            f"by hand or pass a local folder") from e
     os.replace(path + ".tmp", path)  # a partial download never looks complete
-
-
-# ----------------------------------------------------------------------------- device and dtype
-
-@dataclass
-class Device:
-    device: str         # "cuda", "cuda:1", "mps" or "cpu"
-    dtype: torch.dtype  # torch.float32 or the autocast dtype (torch.bfloat16)
-    compile: bool       # whether to torch.compile the training model
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
-
-
-def pick_device(device="auto", dtype="auto", compile=False):
-    """cuda > mps > cpu; bf16 autocast only on a GPU that supports it; TF32 matmuls on CUDA;
-    torch.compile only on CUDA. Prints one line saying what it chose and why."""
-    why = "asked for"
-    if device == "auto":
-        device, why = (("cuda", "CUDA available") if torch.cuda.is_available() else
-                       ("mps", "Apple MPS, no CUDA") if torch.backends.mps.is_available() else ("cpu", "no CUDA or MPS"))
-    kind = device.split(":")[0]
-    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
-        raise SystemExit(f"error: device {device!r} asked for but it is not available here")
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported():
-        dt, dwhy = torch.bfloat16, "bf16 autocast, supported by this GPU"
-    elif dtype == "auto":
-        dt, dwhy = torch.float32, {"cpu": "fp32, bf16 autocast measured no faster on CPU",
-                                   "mps": "fp32, bf16 autocast not relied on for MPS",
-                                   "cuda": "fp32, GPU lacks bf16 (fp16 would need a loss scaler)"}[kind]
-    elif dtype in names:
-        dt, dwhy = names[dtype], f"{dtype} asked for"
-    else:
-        raise SystemExit(f"error: dtype {dtype!r}: expected auto, {', '.join(names)}")
-    if kind == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-        dwhy += ", TF32 matmuls on"
-    use_compile = bool(compile) and kind == "cuda"
-    print(f"pick_device: {device} ({why}); {dwhy}; torch.compile "
-          f"{'on' if use_compile else 'off (only used on CUDA)' if compile else 'off'}")
-    return Device(device=device, dtype=dt, compile=use_compile)

@@ -1,7 +1,7 @@
 """Reward over-optimisation (Gao et al. 2022) in the embedded world: proxy up, gold up then down.
 
-    python overopt.py                          # after pipeline.py; ~10 minutes on 2 CPU cores
-    python overopt.py --ppo_iterations=0       # best-of-n only (~1 minute)
+    python overopt.py                          # after pipeline.py (minutes on 2 CPU cores)
+    python overopt.py --ppo_iterations=0       # best-of-n only
 
 The reward model is a proxy for the gold judge. Optimising the proxy harder moves the policy further
 from SFT (KL), and past some distance the gold score falls while the proxy keeps rising. We measure
@@ -21,14 +21,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from common import load_model, parse_config, print_config, pyplot, read_jsonl, write_json
+from common import parse_config, pick_device, print_config, pyplot, read_jsonl, write_json
 from data.formats import read_prompts
 from data.world import judge
-from evaluate import generate_answers
-from model import pick_device
-from reward import best_of_n, load_reward_model, score_texts
+from engine import generate_answers, load_model, load_reward_model, score_texts
+from evaluate import evaluate_best_of_n
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,14 +38,14 @@ class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the policy to sample from (and PPO's start)
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # the proxy
     prompts: str = os.path.join(HERE, "data", "world", "prompts_eval.jsonl")  # held-out prompts with records
-    out_dir: str = os.path.join(RUNS, "overopt")
+    out_dir: str = os.path.join(RUNS, "overopt")  # summary.json, overoptimization.png, ppo_beta0/
     n_prompts: int = 100  # prompts for best-of-n
     n_max: int = 128  # largest n (samples per prompt)
     ppo_iterations: int = 150  # PPO with beta = 0 (0 = skip the RL curve)
     ppo_lr: float = 5e-5  # a little above the default so the run travels far enough
-    temperature: float = 1.0
-    seed: int = 1337
-    device: str = "auto"
+    temperature: float = 1.0  # sampling temperature of the best-of-n samples
+    seed: int = 1337  # seeds the samples and the PPO run
+    device: str = "auto"  # auto | cpu | cuda | mps
 
 
 def fit_bon(d, gain):
@@ -99,6 +97,39 @@ def plot(bon, rl, fits, path):
     plt.close(fig)
 
 
+def rl_curve(cfg, rm, rows, tok, device):
+    """PPO with beta = 0 from the SFT model: its metrics rows, the fit of the RL form, the peak, and the
+    answers the final (hacked) policy gives, with their proxy and gold scores."""
+    import ppo
+    ppo_dir = os.path.join(cfg.out_dir, "ppo_beta0")
+    ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, out_dir=ppo_dir, beta=0.0,
+                         iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="", seed=cfg.seed,
+                         device=cfg.device))
+    rl = read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
+    d_rl = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
+    g_rl = np.array([r["gold"] - rl[0]["gold"] for r in rl])
+    keep = d_rl >= 0.3
+    out = {}
+    if keep.sum() >= 3:
+        a, b = fit_rl(d_rl[keep], g_rl[keep])
+        out["fit_rl"] = {"a": a, "b": b}
+    peak = max(range(len(rl)), key=lambda i: rl[i]["gold"])
+    out["rl"] = {"gold_start": rl[0]["gold"], "gold_peak": rl[peak]["gold"], "peak_iteration": rl[peak]["iteration"],
+                 "kl_at_peak": rl[peak]["kl_to_ref"], "gold_end": rl[-1]["gold"], "kl_end": rl[-1]["kl_to_ref"],
+                 "proxy_start": rl[0]["reward"], "proxy_end": rl[-1]["reward"]}
+    print("RL without KL penalty:", json.dumps(out["rl"]))
+    hacked, _ = load_model(os.path.join(ppo_dir, "ckpt.pt"), device)
+    ans = generate_answers(hacked, tok, [r["prompt"] for r in rows[:12]], n=1, seed=cfg.seed, device=device)
+    proxy = score_texts(rm, tok, [r["prompt"] for r in rows[:12]], [a[0]["text"] for a in ans],
+                        [a[0]["ended"] for a in ans], device)
+    out["hacked_examples"] = [{"prompt": r["prompt"], "answer": a[0]["text"], "proxy": p,
+                               "gold": judge(r["record"], a[0]["text"], a[0]["ended"])["score"]}
+                              for r, a, p in zip(rows[:12], ans, proxy)]
+    for e in out["hacked_examples"]:
+        print(f"  proxy {e['proxy']:+.2f} gold {e['gold']:.2f} | {e['prompt']} -> {e['answer']}")
+    return rl, out
+
+
 def main():
     cfg = parse_config(Config)
     print_config(cfg)
@@ -108,50 +139,18 @@ def main():
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
     rm, _ = load_reward_model(cfg.reward_model, dev.device)
     rows = [r for r in read_prompts(cfg.prompts) if r.get("record")][:cfg.n_prompts]
-    ns = [2 ** i for i in range(int(math.log2(cfg.n_max)) + 1)]
     print(f"sampling {cfg.n_max} answers for each of {len(rows)} prompts ...")
-    samples = generate_answers(policy, tok, [r["prompt"] for r in rows], n=cfg.n_max, temperature=cfg.temperature,
-                               seed=cfg.seed, device=dev.device)
-    flat = score_texts(rm, tok, [r["prompt"] for r, a in zip(rows, samples) for _ in a],
-                       [x["text"] for a in samples for x in a], [x["ended"] for a in samples for x in a], dev.device)
-    rewards = [flat[i * cfg.n_max:(i + 1) * cfg.n_max] for i in range(len(rows))]
-    bon = best_of_n([r["record"] for r in rows], samples, rewards, ns)
-    for r in bon:
-        print(f"n={r['n']:4d} d={math.sqrt(r['kl']):.2f} proxy {r['proxy_reward']:+.3f} gold {r['gold_mean']:.3f} "
-              f"pass {r['pass_rate']:.3f}")
+    bon = evaluate_best_of_n(policy, rm, tok, rows, cfg.n_max, cfg.temperature, 48, cfg.seed, dev.device)
     d = np.array([math.sqrt(r["kl"]) for r in bon])
     gain = np.array([r["gold_mean"] - bon[0]["gold_mean"] for r in bon])
     fits = {"bon": fit_bon(d, gain)}
     summary = {"best_of_n": bon, "fit_bon": {"a": fits["bon"][0], "b": fits["bon"][1]}}
-
     rl = []
     if cfg.ppo_iterations:
-        import ppo
-        ppo_dir = os.path.join(cfg.out_dir, "ppo_beta0")
-        ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, out_dir=ppo_dir, beta=0.0,
-                             iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="", seed=cfg.seed,
-                             device=cfg.device))
-        rl = read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
-        d_rl = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
-        g_rl = np.array([r["gold"] - rl[0]["gold"] for r in rl])
-        keep = d_rl >= 0.3
-        if keep.sum() >= 3:
-            fits["rl"] = fit_rl(d_rl[keep], g_rl[keep])
-            summary["fit_rl"] = {"a": fits["rl"][0], "b": fits["rl"][1]}
-        peak = max(range(len(rl)), key=lambda i: rl[i]["gold"])
-        summary["rl"] = {"gold_start": rl[0]["gold"], "gold_peak": rl[peak]["gold"], "peak_iteration": rl[peak]["iteration"],
-                         "kl_at_peak": rl[peak]["kl_to_ref"], "gold_end": rl[-1]["gold"], "kl_end": rl[-1]["kl_to_ref"],
-                         "proxy_start": rl[0]["reward"], "proxy_end": rl[-1]["reward"]}
-        print("RL without KL penalty:", json.dumps(summary["rl"]))
-        hacked, _ = load_model(os.path.join(ppo_dir, "ckpt.pt"), dev.device)
-        ans = generate_answers(hacked, tok, [r["prompt"] for r in rows[:12]], n=1, seed=cfg.seed, device=dev.device)
-        proxy = score_texts(rm, tok, [r["prompt"] for r in rows[:12]], [a[0]["text"] for a in ans],
-                            [a[0]["ended"] for a in ans], dev.device)
-        summary["hacked_examples"] = [{"prompt": r["prompt"], "answer": a[0]["text"], "proxy": p,
-                                       "gold": judge(r["record"], a[0]["text"], a[0]["ended"])["score"]}
-                                      for r, a, p in zip(rows[:12], ans, proxy)]
-        for e in summary["hacked_examples"]:
-            print(f"  proxy {e['proxy']:+.2f} gold {e['gold']:.2f} | {e['prompt']} -> {e['answer']}")
+        rl, out = rl_curve(cfg, rm, rows, tok, dev.device)
+        summary |= out
+        if "fit_rl" in out:
+            fits["rl"] = (out["fit_rl"]["a"], out["fit_rl"]["b"])
     plot(bon, rl, fits, os.path.join(cfg.out_dir, "overoptimization.png"))
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print(f"wrote {os.path.join(cfg.out_dir, 'overoptimization.png')} and summary.json")

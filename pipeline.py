@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline on the embedded world, then a report.
 
-    python pipeline.py                       # ~27 minutes on 2 CPU cores (~23 with --oracle=false); runs/report.md
+    python pipeline.py                       # every stage, then runs/report.md (README: how long)
     python pipeline.py --force=true          # redo every stage
     python pipeline.py --from_stage=reward   # redo reward, ppo and the report; keep the rest
 
@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import parse_config, print_config, pyplot, read_jsonl, write_json
+from common import parse_config, print_config, pyplot, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ["world", "pretrain", "sft", "reward", "ppo", "oracle"]
@@ -33,7 +33,7 @@ class Config:
     from_stage: str = ""  # redo this stage and all later ones (world|pretrain|sft|reward|ppo|oracle)
     oracle: bool = True  # also run PPO with the gold judge as reward (the ceiling for PPO with the RM)
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    seed: int = 1337
+    seed: int = 1337  # every stage's seed (the world keeps its own, data/world.py)
 
 
 def stage_dir(cfg, name):

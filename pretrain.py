@@ -1,6 +1,6 @@
 """Pretraining: the base model (the "GPT-3" of the InstructGPT story).
 
-    python pretrain.py                              # embedded world, 5-7 minutes on 2 CPU cores
+    python pretrain.py                              # embedded world (README: how long each stage takes)
     python pretrain.py --max_steps=50 --out_dir=runs/tiny
     python pretrain.py --init_from=gpt2 --corpus=my.txt --tokenizer=gpt2   # GPU + internet
 
@@ -20,18 +20,18 @@ Implementation details:
 5. summary.json compares the final validation loss with the corpus's unigram entropy: a model that
    learned nothing but word frequencies would sit at that entropy.
 """
-import math
 import os
 import time
+import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common import (Metrics, all_reduce_mean, config_dict, ddp_cleanup, ddp_setup, load_checkpoint,
-                    parse_config, plot_metrics, print_config, rank0_first, rng_state, save_checkpoint,
-                    set_rng_state, set_seed, write_json)
-from model import GPT, GPTConfig, pick_device
+from common import (all_reduce_mean, config_dict, ddp_cleanup, ddp_setup, ddp_wrap, get_batch, load_checkpoint,
+                    lr_at, make_optimizer, open_run, parse_config, pick_device, plot_metrics, rank0_first, rng_state,
+                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,8 +44,8 @@ class Config:
     out_dir: str = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | a local HF GPT-2 folder
     n_layer: int = 4  # model shape when init_from=scratch
-    n_head: int = 4
-    n_embd: int = 128
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # channels of the residual stream
     block_size: int = 128  # context length in tokens
     dropout: float = 0.0  # off by default: tiny models on tiny data do not need it
     batch_size: int = 32  # sequences per optimizer step (global, across ranks and accumulation)
@@ -60,7 +60,7 @@ class Config:
     eval_interval: int = 200  # steps between validation losses and samples
     eval_batches: int = 10  # batches per validation estimate
     log_interval: int = 20  # steps between log lines
-    seed: int = 1337
+    seed: int = 1337  # seeds the initialisation and the batches
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
     compile: bool = False  # torch.compile (CUDA only)
@@ -99,35 +99,11 @@ def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
     return np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
 
 
-def get_batch(data, batch_size, block_size, generator):
-    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-    return x, y  # (B, T), (B, T)
-
-
-def lr_at(step, lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps (0-based step)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
 def unigram_entropy(data):
     """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
     counts = np.bincount(np.asarray(data), minlength=1).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-def make_optimizer(model, lr, weight_decay, device_type="cpu"):
-    """AdamW with decay on matrices (2-D) only, not on biases and LayerNorm gains (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
 
 
 def build_model(cfg, tok):
@@ -163,9 +139,9 @@ def sample_text(model, tok, prompt, dev, max_new_tokens=40, seed=0):
     return prompt + tok.decode([t for t in out[0].tolist() if t not in (tok.eot_id, tok.pad_id)])
 
 
-def train(cfg):
+def setup(cfg):
+    """Devices, tokens, model, optimizer and the data generator, restored from the checkpoint on --resume."""
     rank, world = ddp_setup(cfg.device)
-    master = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -178,105 +154,100 @@ def train(cfg):
     if cfg.batch_size % (world * cfg.grad_accum):
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by world size x grad_accum "
                          f"({world} x {cfg.grad_accum})")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    val_gen_seed = cfg.seed + 1
-    step, history = 0, []
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, train_data=train_data,
+                                val_data=val_data, raw_model=model, micro=cfg.batch_size // (world * cfg.grad_accum),
+                                optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0]),
+                                data_gen=torch.Generator().manual_seed(cfg.seed), step=0, history=[],
+                                ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(run.ckpt_path)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        data_gen.set_state(ckpt["data_rng"])
-        step, history = ckpt["step"], ckpt["history"]
-        print(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model
+        run.data_gen.set_state(ckpt["data_rng"])
+        run.step, run.history = ckpt["step"], ckpt["history"]
+        print(f"resumed from {run.ckpt_path} at step {run.step}")
     if dev.compile:  # compile, then wrap (nanoGPT's order): require_backward_grad_sync below must reach DDP
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    metrics = Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
-    if master:
-        print_config(cfg)
-        print(f"model: {raw_model.num_params():,} parameters; corpus: {len(train_data):,} train tokens; "
-              f"{cfg.batch_size * cfg.block_size:,} tokens per step")
+    run.model = ddp_wrap(model, world)
+    run.metrics = open_run(cfg, run.master, f"model: {run.raw_model.num_params():,} parameters; corpus: "
+                           f"{len(train_data):,} train tokens; {cfg.batch_size * cfg.block_size:,} tokens per step")
+    return run
 
-    def save(step):
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
-                "config": config_dict(cfg), "tokenizer": cfg.tokenizer, "step": step,
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "data_rng": data_gen.get_state(),
-                "history": history})
 
+def train_step(run, cfg):
+    """One optimizer step on one global batch (this rank's slice, in grad_accum micro-batches)."""
+    lr = lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    set_lr(run.optimizer, lr)
+    x_all, y_all = get_batch(run.train_data, cfg.batch_size, cfg.block_size, run.data_gen)  # global batch
+    x_all, y_all = x_all[run.rank * run.micro * cfg.grad_accum:], y_all[run.rank * run.micro * cfg.grad_accum:]
+    loss_sum = 0.0
+    for k in range(cfg.grad_accum):
+        x = x_all[k * run.micro:(k + 1) * run.micro].to(run.dev.device)
+        y = y_all[k * run.micro:(k + 1) * run.micro].to(run.dev.device)
+        if run.world > 1:
+            run.model.require_backward_grad_sync = k == cfg.grad_accum - 1
+        with run.dev.autocast():
+            _, loss = run.model(x, y)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item() / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    train_loss = all_reduce_mean(torch.tensor(loss_sum, device=run.dev.device)).item()  # NCCL needs a GPU tensor
+    return {"step": run.step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def save(run, cfg):
+    if run.master:
+        save_checkpoint(run.ckpt_path, {
+            "model": run.raw_model.state_dict(), "model_config": config_dict(run.raw_model.config),
+            "config": config_dict(cfg), "tokenizer": cfg.tokenizer, "step": run.step,
+            "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "data_rng": run.data_gen.get_state(),
+            "history": run.history})
+
+
+def train(cfg):
+    run = setup(cfg)
     t0, t_last, tokens_seen = time.time(), time.time(), 0
-    model.train()
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x_all, y_all = get_batch(train_data, cfg.batch_size, cfg.block_size, data_gen)  # global batch
-        x_all, y_all = x_all[rank * micro * cfg.grad_accum:], y_all[rank * micro * cfg.grad_accum:]
-        loss_sum = 0.0
-        for k in range(cfg.grad_accum):
-            x = x_all[k * micro:(k + 1) * micro].to(dev.device)
-            y = y_all[k * micro:(k + 1) * micro].to(dev.device)
-            if world > 1:
-                model.require_backward_grad_sync = k == cfg.grad_accum - 1
-            with dev.autocast():
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    run.model.train()
+    while run.step < cfg.max_steps:
+        row = train_step(run, cfg)
         tokens_seen += cfg.batch_size * cfg.block_size
-        train_loss = all_reduce_mean(torch.tensor(loss_sum, device=dev.device)).item()  # NCCL needs a GPU tensor
-        row = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            dt = time.time() - t_last
-            row["tokens_per_sec"] = cfg.log_interval * cfg.batch_size * cfg.block_size / max(dt, 1e-9)
+        last = run.step == cfg.max_steps
+        if run.step % cfg.log_interval == 0 or last:
+            row["tokens_per_sec"] = cfg.log_interval * cfg.batch_size * cfg.block_size / max(time.time() - t_last, 1e-9)
             t_last = time.time()
-            if master:
-                print(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.2f} | "
-                      f"{row['tokens_per_sec']:,.0f} tok/s")
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_gen = torch.Generator().manual_seed(val_gen_seed)
-            row["val_loss"] = evaluate(raw_model, val_data, cfg, dev, val_gen)
-            if master:
-                print(f"step {step:5d} | val loss {row['val_loss']:.4f}")
+            if run.master:
+                print(f"step {run.step:5d} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
+                      f"grad {row['grad_norm']:.2f} | {row['tokens_per_sec']:,.0f} tok/s")
+        if run.step % cfg.eval_interval == 0 or last:
+            row["val_loss"] = evaluate(run.raw_model, run.val_data, cfg, run.dev, torch.Generator().manual_seed(cfg.seed + 1))
+            if run.master:
+                print(f"step {run.step:5d} | val loss {row['val_loss']:.4f}")
                 if cfg.tokenizer == "embedded":
-                    print("   sample:", sample_text(raw_model, tok, "question: what is 3 plus 4?\nanswer:", dev)
-                          .replace("\n", " / "))
-            save(step)
-        metrics.log(**row)
-        history.append({k: row[k] for k in ("step", "train_loss") if k in row}
-                       | ({"val_loss": row["val_loss"]} if "val_loss" in row else {}))
+                    print("   sample:", sample_text(run.raw_model, run.tok, "question: what is 3 plus 4?\nanswer:",
+                                                    run.dev).replace("\n", " / "))
+            save(run, cfg)
+        run.metrics.log(**row)
+        run.history.append({k: row[k] for k in ("step", "train_loss", "val_loss") if k in row})
 
     elapsed = time.time() - t0
-    val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)
-    summary = {"val_loss": val_loss, "train_loss": history[-1]["train_loss"] if history else None,
-               "unigram_entropy": unigram_entropy(train_data), "steps": step,
-               "params": raw_model.num_params(), "train_tokens": int(len(train_data)),
+    val_loss = next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None)
+    summary = {"val_loss": val_loss, "train_loss": run.history[-1]["train_loss"] if run.history else None,
+               "unigram_entropy": unigram_entropy(run.train_data), "steps": run.step,
+               "params": run.raw_model.num_params(), "train_tokens": int(len(run.train_data)),
                "seconds": round(elapsed, 1), "tokens_per_sec": round(tokens_seen / max(elapsed, 1e-9))}
-    if master:
-        save(step)
+    if run.master:
+        save(run, cfg)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
                      ["train_loss", "val_loss", "lr"], title="pretraining")
-        print(f"done: val loss {val_loss:.4f} (unigram entropy {summary['unigram_entropy']:.3f}) "
-              f"in {elapsed:.0f}s")
+        print(f"done: val loss {val_loss:.4f} (unigram entropy {summary['unigram_entropy']:.3f}) in {elapsed:.0f}s")
     ddp_cleanup()
-    return raw_model, history
-
-
-def main():
-    train(parse_config(Config))
+    return run.raw_model, run.history
 
 
 if __name__ == "__main__":
-    main()
+    train(parse_config(Config))

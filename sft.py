@@ -1,6 +1,6 @@
 """Step 1 of InstructGPT: supervised fine-tuning (SFT) on demonstrations.
 
-    python sft.py                                    # embedded world, ~1.5 minutes on 2 CPU cores
+    python sft.py                                    # embedded world
     python sft.py --init_from=gpt2 --train_data=alpaca/sft.jsonl --val_data=... --prompts=""
 
 Take the pretrained model and teach it the assistant format from (prompt, response) demonstrations:
@@ -25,18 +25,18 @@ Simplifications: no sequence packing (answers are short; padding costs little he
 import math
 import os
 import time
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, all_reduce_sum, config_dict, ddp_cleanup, ddp_setup, load_checkpoint,
-                    load_model, parse_config, plot_metrics, print_config, rank0_first, rng_state,
-                    save_checkpoint, set_rng_state, set_seed, write_json)
+from common import (all_reduce_sum, config_dict, ddp_cleanup, ddp_setup, ddp_wrap, load_checkpoint, lr_at,
+                    make_optimizer, open_run, parse_config, pick_device, plot_metrics, rank0_first, rng_state,
+                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
 from data.formats import read_prompts, read_sft
+from engine import load_policy
 from evaluate import evaluate_policy
-from model import GPT, pick_device
-from pretrain import lr_at, make_optimizer
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,22 +50,22 @@ class Config:
     train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
     val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss
     prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts with gold records ("" = skip)
-    out_dir: str = os.path.join(HERE, "runs", "sft")
+    out_dir: str = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
     epochs: int = 3  # passes over the demonstrations
     batch_size: int = 32  # demonstrations per optimizer step (global)
     lr: float = 5e-4  # peak learning rate
     min_lr: float = 5e-5  # cosine floor
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.0  # AdamW, on 2-D weights only
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
     dropout: float = 0.0  # dropout during SFT (the model config's value is replaced)
     eval_interval: int = 100  # steps between validation losses
     eval_samples: int = 8  # sampled answers per held-out prompt for the gold evaluation
     eval_base: bool = True  # also evaluate the starting model, for the before/after table
-    max_new_tokens: int = 48
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
+    max_new_tokens: int = 48  # longest sampled answer in the evaluation, in tokens
+    seed: int = 1337  # seeds the data order and the evaluation samples
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16
     threads: int = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
 
@@ -101,14 +101,6 @@ def masked_nll_sum(logits, targets):
     return loss, (targets != -100).sum()
 
 
-def load_policy(init_from, device):
-    """(model, tokenizer name) from one of our checkpoints or from GPT-2 weights."""
-    if init_from.endswith(".pt"):
-        model, ckpt = load_model(init_from, device)
-        return model, ckpt.get("tokenizer", "embedded")
-    return GPT.from_pretrained(init_from).to(device), "gpt2"
-
-
 @torch.no_grad()
 def val_loss(model, examples, pad_id, batch_size, device):
     model.eval()
@@ -122,9 +114,10 @@ def val_loss(model, examples, pad_id, batch_size, device):
     return total / max(count, 1)
 
 
-def train(cfg):
+def setup(cfg):
+    """The starting model and its tokenizer, the demonstrations as examples, the optimizer, the base model's
+    evaluation (for the before/after table), all restored from the checkpoint on --resume."""
     rank, world = ddp_setup(cfg.device)
-    master = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -145,110 +138,116 @@ def train(cfg):
               for r in read_sft(cfg.val_data)] if cfg.val_data else []
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    max_steps = cfg.epochs * steps_per_epoch
-
     os.makedirs(cfg.out_dir, exist_ok=True)
     eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("record")] if cfg.prompts else []
-    base_eval = None
-    if master and eval_rows and cfg.eval_base and not cfg.resume:
+    run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, raw_model=model,
+                                train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None,
+                                steps_per_epoch=math.ceil(len(train_ex) / cfg.batch_size), step=0, history=[],
+                                ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    run.max_steps = cfg.epochs * run.steps_per_epoch
+    if run.master and eval_rows and cfg.eval_base and not cfg.resume:
         print("evaluating the starting model on the held-out prompts ...")
-        base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
-
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
-    step, history = 0, []
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        run.base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
+    run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(run.ckpt_path)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        step, history, base_eval = ckpt["step"], ckpt["history"], ckpt.get("base_eval")
-        print(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    metrics = Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
-    if master:
-        print_config(cfg)
-        print(f"{len(train_ex):,} demonstrations, {len(val_ex):,} for validation; {max_steps} steps")
+        run.step, run.history, run.base_eval = ckpt["step"], ckpt["history"], ckpt.get("base_eval")
+        print(f"resumed from {run.ckpt_path} at step {run.step}")
+    run.model = ddp_wrap(model, world)
+    run.metrics = open_run(cfg, run.master, f"{len(train_ex):,} demonstrations, {len(val_ex):,} for validation; "
+                                            f"{run.max_steps} steps")
+    return run
 
-    def save(step):
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
-                "config": config_dict(cfg), "tokenizer": tok.name, "step": step,
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
-                "base_eval": base_eval})
 
+def train_step(run, cfg):
+    """One optimizer step on the next global batch of demonstrations (this rank's share of it)."""
+    epoch, i = divmod(run.step, run.steps_per_epoch)
+    order = torch.randperm(len(run.train_ex), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+    # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
+    mine = batch_idx[run.rank::run.world]
+    lr = lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, run.max_steps)
+    set_lr(run.optimizer, lr)
+    x, y = collate([run.train_ex[j] for j in mine or batch_idx[:1]], run.tok.pad_id)
+    if not mine:  # fewer examples than ranks: a fully masked dummy (zero loss) keeps DDP's all-reduce in step
+        y.fill_(-100)
+    device = run.dev.device
+    n_global = all_reduce_sum((y != -100).sum().to(device)).clamp(min=1)
+    with run.dev.autocast():
+        logits, _ = run.model(x.to(device))
+    loss_sum, _ = masked_nll_sum(logits, y.to(device))
+    # token mean over the GLOBAL batch; x world because DDP averages gradients over ranks
+    (loss_sum / n_global * run.world).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    loss = all_reduce_sum(loss_sum.detach().clone()).item() / n_global.item()
+    return {"step": run.step, "epoch": epoch, "train_loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def save(run, cfg):
+    if run.master:
+        save_checkpoint(run.ckpt_path, {
+            "model": run.raw_model.state_dict(), "model_config": config_dict(run.raw_model.config),
+            "config": config_dict(cfg), "tokenizer": run.tok.name, "step": run.step,
+            "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "history": run.history,
+            "base_eval": run.base_eval})
+
+
+def evaluate_before_after(run, cfg):
+    """The SFT model (and the starting model) on the held-out prompts: the rows of summary.json."""
+    print("evaluating the SFT model on the held-out prompts ...")
+    sft_eval = evaluate_policy(run.raw_model, run.tok, run.eval_rows, cfg.eval_samples, 1.0, run.dev.device,
+                               cfg.max_new_tokens)
+    summary = {}
+    for name, res in (("base", run.base_eval), ("sft", sft_eval)):
+        if res is None:
+            continue
+        for mode in ("sampled", "greedy"):
+            r = res[mode]
+            summary[f"{name}_{mode}_gold_mean"] = round(r["gold_mean"], 4)
+            summary[f"{name}_{mode}_pass_rate"] = round(r["pass_rate"], 4)
+            print(f"{name:5s} {mode:8s} gold mean {r['gold_mean']:.3f} | pass {r['pass_rate']:.3f} | "
+                  f"by task {r['pass_by_task']}")
+    summary["sft_facets_sampled"] = {k: v for k, v in sft_eval["sampled"].items() if not k.startswith("_")}
+    summary["examples"] = [{"prompt": row["prompt"], "sft": ans[0]["text"]}
+                           for row, ans in list(zip(run.eval_rows, sft_eval["_sampled_answers"]))[:8]]
+    return summary
+
+
+def train(cfg):
+    run = setup(cfg)
     t0 = time.time()
-    model.train()
-    while step < max_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        batch_idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
-        # this rank's share of the global batch, strided so the epoch's short last batch splits evenly
-        mine = batch_idx[rank::world]
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = collate([train_ex[j] for j in mine or batch_idx[:1]], tok.pad_id)
-        if not mine:  # fewer examples than ranks: a fully masked dummy (zero loss) keeps DDP's all-reduce in step
-            y.fill_(-100)
-        n_global = all_reduce_sum((y != -100).sum().to(dev.device)).clamp(min=1)
-        with dev.autocast():
-            logits, _ = model(x.to(dev.device))
-        loss_sum, _ = masked_nll_sum(logits, y.to(dev.device))
-        # token mean over the GLOBAL batch; x world because DDP averages gradients over ranks
-        (loss_sum / n_global * world).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = all_reduce_sum(loss_sum.detach().clone()).item() / n_global.item()
-        row = {"step": step, "epoch": epoch, "train_loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
-        if step % cfg.eval_interval == 0 or step == max_steps:
-            if val_ex:
-                row["val_loss"] = val_loss(raw_model, val_ex, tok.pad_id, 64, dev.device)
-            if master:
-                print(f"step {step:5d}/{max_steps} | loss {loss:.4f} | val {row.get('val_loss', float('nan')):.4f} "
-                      f"| lr {lr:.2e} | {time.time() - t0:.0f}s")
-            save(step)
-        metrics.log(**row)
-        history.append({k: v for k, v in row.items() if k in ("step", "train_loss", "val_loss")})
+    run.model.train()
+    while run.step < run.max_steps:
+        row = train_step(run, cfg)
+        if run.step % cfg.eval_interval == 0 or run.step == run.max_steps:
+            if run.val_ex:
+                row["val_loss"] = val_loss(run.raw_model, run.val_ex, run.tok.pad_id, 64, run.dev.device)
+            if run.master:
+                print(f"step {run.step:5d}/{run.max_steps} | loss {row['train_loss']:.4f} | "
+                      f"val {row.get('val_loss', float('nan')):.4f} | lr {row['lr']:.2e} | {time.time() - t0:.0f}s")
+            save(run, cfg)
+        run.metrics.log(**row)
+        run.history.append({k: v for k, v in row.items() if k in ("step", "train_loss", "val_loss")})
 
-    summary = {"steps": step, "train_loss": history[-1]["train_loss"] if history else None,
-               "val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+    summary = {"steps": run.step, "train_loss": run.history[-1]["train_loss"] if run.history else None,
+               "val_loss": next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None),
                "train_seconds": round(time.time() - t0, 1)}
-    if master and eval_rows:
-        print("evaluating the SFT model on the held-out prompts ...")
-        sft_eval = evaluate_policy(raw_model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
-        for name, res in (("base", base_eval), ("sft", sft_eval)):
-            if res is None:
-                continue
-            for mode in ("sampled", "greedy"):
-                r = res[mode]
-                summary[f"{name}_{mode}_gold_mean"] = round(r["gold_mean"], 4)
-                summary[f"{name}_{mode}_pass_rate"] = round(r["pass_rate"], 4)
-                print(f"{name:5s} {mode:8s} gold mean {r['gold_mean']:.3f} | pass {r['pass_rate']:.3f} | "
-                      f"by task {r['pass_by_task']}")
-        summary["sft_facets_sampled"] = {k: v for k, v in sft_eval["sampled"].items() if not k.startswith("_")}
-        examples = []
-        for row_, ans in list(zip(eval_rows, sft_eval["_sampled_answers"]))[:8]:
-            examples.append({"prompt": row_["prompt"], "sft": ans[0]["text"]})
-        summary["examples"] = examples
-    if master:
-        save(step)
+    if run.master and run.eval_rows:
+        summary |= evaluate_before_after(run, cfg)
+    if run.master:
+        save(run, cfg)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
                      ["train_loss", "val_loss", "lr"], title="SFT")
     ddp_cleanup()
-    return raw_model, history
-
-
-def main():
-    train(parse_config(Config))
+    return run.raw_model, run.history
 
 
 if __name__ == "__main__":
-    main()
+    train(parse_config(Config))

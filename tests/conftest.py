@@ -7,7 +7,7 @@ One session builds, in a temporary folder, a world of ~150 KB of corpus with a 4
 as subprocesses (`python <script> --key=value ...`, cwd = the repository root), each in a few seconds:
 a 1-layer, 32-wide GPT with block_size 96 (the longest tiny-world prompt is 55 tokens, + 32 new tokens).
 Every stage fixture returns its out_dir. All runs use --device=cpu --threads=1: the same thread count
-gives bitwise-identical numbers (ENV_NOTES), which the --resume test relies on.
+gives bitwise-identical numbers (docs/EXPERIMENTS.md), which the --resume test relies on.
 """
 import json
 import os

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
     policy = str(tmp / "policy.pt")
     save_checkpoint(policy, {"model": model.state_dict(), "model_config": dataclasses.asdict(cfg),
                              "tokenizer": tok.name, "step": 0})
-    from reward import RewardModel
+    from engine import RewardModel
     rm = RewardModel(GPT(cfg))
     with torch.no_grad():
         rm.head.bias.fill_(0.5)  # any non-trivial head: the printed number is checked against score_texts
@@ -119,7 +119,7 @@ def test_one_shot_with_reward_model(tiny):
     assert lines[0] == text
     m = re.match(r"\[reward ([+-]\d+\.\d\d)", lines[1])
     assert m, r.stdout
-    from reward import load_reward_model, score_texts
+    from engine import load_reward_model, score_texts
     rm, _ = load_reward_model(reward)
     expected = score_texts(rm, tok, [PROMPT], [text], [ended], "cpu")[0]
     assert float(m.group(1)) == pytest.approx(expected, abs=0.006)

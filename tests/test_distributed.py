@@ -27,7 +27,8 @@ import torch
 
 from conftest import MAX_NEW_TOKENS, REPO, ppo_args, pretrain_args, run_script
 
-from common import load_model, read_jsonl
+from common import read_jsonl
+from engine import load_model
 
 
 def torchrun(script, *args, nproc=2, timeout=300):
@@ -167,10 +168,11 @@ def _global_statistics_on_rank(rank, world, init_file, out_dir, x, values, retur
     """One rank of test_ppo_statistics_are_global: its half of the batch, statistics over both."""
     import torch.distributed as dist
     import ppo
+    import rl
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rows = slice(rank * 3, rank * 3 + 3)
-    result = {"whitened": ppo.masked_whiten(x[rows], mask[rows]).tolist(),
+    result = {"whitened": rl.masked_whiten(x[rows], mask[rows]).tolist(),
               "explained_variance": ppo.explained_variance(values[rows], returns[rows], mask[rows])}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -181,6 +183,7 @@ def test_ppo_statistics_are_global_across_ranks(tmp_path):
     # advantage whitening (detail 6) and explained variance on 2 ranks x 3 answers equal the
     # single-process statistics of all 6 answers (the ranks' halves have different means on purpose)
     import ppo
+    import rl
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g) + torch.tensor([[2.0]] * 3 + [[-1.0]] * 3)  # (B, N)
     values, returns = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
@@ -190,8 +193,8 @@ def test_ppo_statistics_are_global_across_ranks(tmp_path):
         2, str(tmp_path / "init"), str(tmp_path), x, values, returns, mask))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     whitened = torch.tensor(ranks[0]["whitened"] + ranks[1]["whitened"])
-    torch.testing.assert_close(whitened, ppo.masked_whiten(x, mask))
-    assert not torch.allclose(ppo.masked_whiten(x[:3], mask[:3]), whitened[:3], atol=1e-3)  # local != global
+    torch.testing.assert_close(whitened, rl.masked_whiten(x, mask))
+    assert not torch.allclose(rl.masked_whiten(x[:3], mask[:3]), whitened[:3], atol=1e-3)  # local != global
     expected = ppo.explained_variance(values, returns, mask)
     for r in ranks:
         assert r["explained_variance"] == pytest.approx(expected, rel=1e-5)
@@ -213,8 +216,9 @@ def test_ppo_two_ranks_log_global_means_of_their_own_rollouts(tiny_world, pretra
 
     # rebuild each rank's first rollout (its own prompt stream and sampler, seeded by rank)
     import ppo
+    import rl
     from data.formats import read_prompts
-    from reward import load_reward_model
+    from engine import load_reward_model
     from tokenizer import get_tokenizer
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     cfg = ppo.Config(**saved["config"])
@@ -228,7 +232,7 @@ def test_ppo_two_ranks_log_global_means_of_their_own_rollouts(tiny_world, pretra
             prompt_rng = random.Random(cfg.seed + rank)
             batch = [prompts[prompt_rng.randrange(len(prompts))] for _ in range(4)]
             gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
-            ranks.append(ppo.rollout(policy, ref, rm.eval(), tok, batch, cfg, "cpu", gen))
+            ranks.append(rl.rollout(policy, ref, rm.eval(), tok, batch, cfg, "cpu", gen))
     assert ranks[0]["texts"] != ranks[1]["texts"]  # the ranks sampled different answers
     per_rank = [ro["raw_scores"].mean().item() for ro in ranks]
     assert abs(per_rank[0] - per_rank[1]) > 1e-3  # so the mean below tells "both ranks" from "rank 0"

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (GPT, PRESETS, GPTConfig, pick_device, position_ids,  # noqa: E402
-                   token_logprobs)
+from common import pick_device  # noqa: E402
+from model import GPT, PRESETS, GPTConfig, position_ids, token_logprobs  # noqa: E402
 
 TINY = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
 

@@ -1,9 +1,10 @@
-"""The course notebooks run top to bottom with a real Jupyter kernel, and the generator reproduces them.
+"""The course notebooks run top to bottom with a real Jupyter kernel.
 
-Each notebook is executed from an in-memory copy (the committed file is never rewritten) by nbclient,
-with the notebooks folder as working directory, so `import tiny` finds notebooks/tiny.py. The kernel is
-THIS interpreter (make_notebooks.kernel_dir puts a 'python3' kernelspec pointing at sys.executable first
-on JUPYTER_PATH), so a fresh `pip install -r requirements.txt` is all a machine needs.
+The .ipynb files are the source (edited in Jupyter). Each notebook is executed from an in-memory copy
+(the committed file is never rewritten) by nbclient, with the notebooks folder as working directory, so
+`import tiny` finds notebooks/tiny.py. The kernel is THIS interpreter (execute.kernel_dir puts a
+'python3' kernelspec pointing at sys.executable first on JUPYTER_PATH), so a fresh
+`pip install -r requirements.txt` is all a machine needs.
 
 RLHF_NOTEBOOKS=tiny makes every notebook use the tiny chain (built once into a session temp folder by
 the first notebook, about a minute) whatever happens to be in runs/; RLHF_OFFLINE=1 stops notebook 01
@@ -21,9 +22,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 sys.path.insert(0, NOTEBOOKS)
-import make_notebooks  # noqa: E402
+import execute  # noqa: E402  (notebooks/execute.py)
 
-NAMES = list(make_notebooks.NOTEBOOKS)
+NAMES = execute.NOTEBOOKS
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,15 @@ def notebook_env(tmp_path_factory):
             os.environ[k] = v
 
 
-def test_generator_matches_the_committed_notebooks():
-    """The .ipynb files are generated from make_notebooks.py: their cells must be the generator's."""
+def test_committed_notebooks_come_from_one_clean_run():
+    """The outputs a reader sees were produced top to bottom in one kernel: every code cell ran, in order
+    (`python notebooks/execute.py` refreshes them), and none of them failed."""
+    assert len(NAMES) == 5, NAMES
     for name in NAMES:
-        committed = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-        fresh = make_notebooks.build(make_notebooks.NOTEBOOKS[name])
-        assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in fresh.cells], \
-            f"{name} differs from make_notebooks.py: run `python notebooks/make_notebooks.py --execute`"
+        nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{name}: not one clean run"
+        assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{name}: an error output"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -56,7 +59,7 @@ def test_notebook_runs(name, notebook_env):
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     t0 = time.time()
-    make_notebooks.execute(nb, cwd=NOTEBOOKS, timeout=600)  # raises CellExecutionError on the first failing cell
+    execute.execute(nb, cwd=NOTEBOOKS, timeout=600)  # raises CellExecutionError on the first failing cell
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import assert_fails_clearly, pretrain_args, read_json, run_script
-from common import read_jsonl
-from model import GPT, GPTConfig, pick_device
-from pretrain import Config, evaluate, get_batch, lr_at, unigram_entropy
+from common import get_batch, lr_at, pick_device, read_jsonl
+from model import GPT, GPTConfig
+from pretrain import Config, evaluate, unigram_entropy
 
 
 # ----------------------------------------------------------------------------- formulas by hand

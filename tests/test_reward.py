@@ -13,9 +13,11 @@ from data import world as W
 from data.formats import read_comparisons, read_sft
 from model import GPT, GPTConfig
 import reward
+import common
 from common import read_jsonl
-from reward import (RewardEnsemble, RewardModel, batch_loss, best_of_n, bradley_terry_loss, last_token_index,
-                    load_reward_model, score_texts)
+from engine import RewardEnsemble, RewardModel, last_token_index, load_reward_model, score_texts
+from evaluate import best_of_n
+from reward import batch_loss, bradley_terry_loss
 from tokenizer import get_tokenizer
 
 
@@ -225,16 +227,16 @@ def test_ensemble_trains_members_in_turn_and_resume_reproduces_it(tiny_world, sf
 
     # crash one step after a checkpoint inside the second member, then --resume: the same run, bit for bit
     crash_at = ms + (2 if ms % 2 == 0 else 1) + 1
-    log = reward.Metrics.log
+    log = common.Metrics.log
 
     def crashing_log(self, **row):
         if row["step"] == crash_at:
             raise Crash
         log(self, **row)
-    monkeypatch.setattr(reward.Metrics, "log", crashing_log)
+    monkeypatch.setattr(common.Metrics, "log", crashing_log)
     with pytest.raises(Crash):
         reward.train(cfg(split))
-    monkeypatch.setattr(reward.Metrics, "log", log)
+    monkeypatch.setattr(common.Metrics, "log", log)
     reward.train(cfg(split, resume=True))
     b = read_jsonl(os.path.join(split, "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(1, 2 * ms + 1))

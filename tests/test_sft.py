@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_fails_clearly, read_json, run_script
-from common import load_model, read_jsonl
+from common import read_jsonl
 from data.formats import read_sft
-from evaluate import generate_answers
+from engine import generate_answers, load_model
 from model import GPT, GPTConfig
 from sft import build_example, collate, masked_nll_sum, val_loss
 from tokenizer import get_tokenizer

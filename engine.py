@@ -1,0 +1,190 @@
+"""Running our models on chats: batches in, answers, log-probs and reward scores out.
+
+model.py is the Transformer; this module is everything the stages do WITH it, in one place so that
+every stage pads, samples, scores and loads the same way:
+
+1. Padding: prompts are LEFT-padded so that every answer starts in the same column (position ids come
+   from the attention mask, model.py, N implementation details #3); `pack` puts left-padded prompts
+   and right-padded answers side by side, and `last_token_index` finds each row's last real token.
+2. Sampling: `generate_answers` samples n answers per prompt through the chat template with the KV
+   cache; an answer "ended" if it produced <|end|> within max_new_tokens.
+3. Reward models: a GPT trunk plus a scalar head read at the last real token (`RewardModel`), an
+   ensemble that averages its members (`RewardEnsemble`), `score_texts` for (prompt, answer, ended)
+   triples, and the encoding they all share (`encode_answers`).
+4. Loading: `load_model` (a policy checkpoint of ours), `load_policy` (ours or GPT-2 weights),
+   `load_reward_model` (a reward.py checkpoint).
+
+Shapes: B batch, P prompt length (left-padded), N answer length (right-padded), T = P + N, C channels.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+from common import load_checkpoint
+from model import GPT, HF_GPT2_NAMES, GPTConfig
+
+
+# ----------------------------------------------------------------------------- padding and masks
+
+def left_pad(seqs, pad_id):
+    """List of token lists -> (ids (B, T), attention_mask (B, T)) padded on the left."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def pack(prompts, answers, pad_id):
+    """Left-padded prompts next to right-padded answers (token lists). Returns seq (B, P + N),
+    mask (B, P + N), P, resp (B, N), resp_mask (B, N): the layout a rollout produces."""
+    P = max(len(p) for p in prompts)
+    N = max(max(len(a) for a in answers), 1)
+    pids, pmask = left_pad(prompts, pad_id)
+    resp = torch.full((len(answers), N), pad_id, dtype=torch.long)
+    rmask = torch.zeros((len(answers), N), dtype=torch.long)
+    for i, a in enumerate(answers):
+        resp[i, :len(a)], rmask[i, :len(a)] = torch.tensor(a, dtype=torch.long), 1
+    return torch.cat([pids, resp], 1), torch.cat([pmask, rmask], 1), P, resp, rmask
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row, for left or right padding. (B, T) -> (B,)"""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.flip(1).argmax(dim=1)
+
+
+def last_token_score(values, attention_mask):
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def generate_answers(model, tok, prompts, n=1, temperature=1.0, greedy=False, max_new_tokens=48,
+                     batch_size=256, seed=0, device="cpu", top_k=None, top_p=None):
+    """Sample n answers to each prompt. Returns answers[i][j] = {"text", "ended", "ids"}."""
+    was_training = model.training
+    model.eval()
+    jobs = [(i, tok.render_chat(p)[0]) for i, p in enumerate(prompts) for _ in range(1 if greedy else n)]
+    jobs.sort(key=lambda job: len(job[1]))  # similar lengths per batch: less padding
+    gen = torch.Generator(device=device).manual_seed(seed)
+    answers = [[] for _ in prompts]
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b:b + batch_size]
+        ids, mask = left_pad([p for _, p in chunk], tok.pad_id)
+        out, out_mask = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                       greedy=greedy, top_k=top_k, top_p=top_p, eos_id=tok.end_id,
+                                       pad_id=tok.pad_id, generator=gen)
+        for (i, _), row, row_mask in zip(chunk, out.tolist(), out_mask.tolist()):
+            real = [t for t, m in zip(row, row_mask) if m]
+            ended = bool(real) and real[-1] == tok.end_id
+            answers[i].append({"text": tok.decode_response(real), "ended": ended, "ids": real})
+    if greedy and n > 1:
+        answers = [a * n for a in answers]
+    model.train(was_training)
+    return answers
+
+
+# ----------------------------------------------------------------------------- reward models
+
+class RewardModel(nn.Module):
+    """A GPT trunk plus a scalar head. `forward` reads the head at the last real token; `values`
+    reads it at every position (the PPO critic is initialised from this model)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def values(self, idx, attention_mask):
+        return self.head(self.gpt.hidden_states(idx, attention_mask)).squeeze(-1)  # (B, T)
+
+    def forward(self, idx, attention_mask):
+        return last_token_score(self.values(idx, attention_mask), attention_mask)  # (B,)
+
+
+class RewardEnsemble(nn.Module):
+    """Several reward models trained on the same comparisons from different seeds; the reward is their
+    mean score. Their errors are partly independent, so the mean is more accurate and PPO finds less to
+    exploit (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization")."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def gpt(self):  # the members share one architecture: block size, vocabulary
+        return self.members[0].gpt
+
+    def values(self, idx, attention_mask):
+        return torch.stack([m.values(idx, attention_mask) for m in self.members]).mean(0)
+
+    def member_scores(self, idx, attention_mask):
+        return torch.stack([m(idx, attention_mask) for m in self.members])  # (E, B)
+
+    def forward(self, idx, attention_mask):
+        return self.member_scores(idx, attention_mask).mean(0)
+
+
+def encode_answers(tok, prompt, responses, endeds, block_size):
+    """Token ids of prompt + answer (+ <|end|> if the answer ended) for each answer."""
+    prompt_ids = tok.render_chat(prompt)[0]
+    seqs = []
+    for r, e in zip(responses, endeds):
+        ids = prompt_ids + tok.render_chat(prompt, r)[1][:None if e else -1]
+        seqs.append(ids[-block_size:])
+    return seqs
+
+
+@torch.no_grad()
+def score_texts(rm, tok, prompts, responses, endeds, device, batch_size=128):
+    """Reward of each (prompt, response) pair, batched, left-padded."""
+    rm.eval()
+    seqs = [encode_answers(tok, p, [r], [e], rm.gpt.config.block_size)[0]
+            for p, r, e in zip(prompts, responses, endeds)]
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[b:b + batch_size], tok.pad_id)
+        out.extend(rm(ids.to(device), mask.to(device)).float().tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------- loading checkpoints
+
+def load_model(path, device="cpu"):
+    """A GPT from a pretrain/sft/ppo checkpoint (dict with "model" and "model_config")."""
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise SystemExit(f"error: {path!r} is not a policy checkpoint (no 'model'/'model_config' keys)")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+def load_policy(init_from, device="cpu"):
+    """(model, tokenizer name) from GPT-2 weights (a name such as gpt2, or a Hugging Face folder) or
+    from one of our checkpoints."""
+    if init_from in HF_GPT2_NAMES or os.path.isdir(init_from):
+        return GPT.from_pretrained(init_from).to(device), "gpt2"
+    model, ckpt = load_model(init_from, device)
+    return model, ckpt.get("tokenizer", "embedded")
+
+
+def load_reward_model(path, device="cpu"):
+    """A RewardModel (or a RewardEnsemble) from a reward.py checkpoint (normalisation folded into the heads)."""
+    ckpt = load_checkpoint(path)
+    if "reward_model" not in ckpt:
+        raise SystemExit(f"error: {path!r} is not a reward model checkpoint (no 'reward_model' key)")
+    members = [RewardModel(GPT(GPTConfig(**ckpt["model_config"]))) for _ in range(ckpt.get("ensemble", 1))]
+    rm = members[0] if len(members) == 1 else RewardEnsemble(members)
+    rm.load_state_dict(ckpt["reward_model"])
+    return rm.to(device), ckpt
