@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from common import load_checkpoint
-from model import GPT, HF_GPT2_NAMES, GPTConfig
+from model import GPT, HF_GPT2_NAMES, CausalSelfAttention, GPTConfig
 
 
 # ----------------------------------------------------------------------------- padding and masks
@@ -51,6 +51,19 @@ def pack(prompts, answers, pad_id):
     for i, a in enumerate(answers):
         resp[i, :len(a)], rmask[i, :len(a)] = torch.tensor(a, dtype=torch.long), 1
     return torch.cat([pids, resp], 1), torch.cat([pmask, rmask], 1), P, resp, rmask
+
+
+def set_dropout(module, p):
+    """Every dropout of every GPT inside `module` (a policy, a reward model, an ensemble) set to p: the
+    nn.Dropout layers, the attention dropout (a float handed to SDPA) and the config that checkpoints save."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, CausalSelfAttention):
+            m.dropout = p
+        elif isinstance(m, GPT):
+            m.config.dropout = p
+    return module
 
 
 def last_token_index(attention_mask):

@@ -24,7 +24,7 @@ import numpy as np
 
 from common import parse_config, pick_device, print_config, pyplot, read_jsonl, write_json
 from data.formats import read_prompts
-from data.world import judge
+from data.world import judge_row
 from engine import generate_answers, load_model, load_reward_model, score_texts
 from evaluate import evaluate_best_of_n
 from tokenizer import get_tokenizer
@@ -37,7 +37,7 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the policy to sample from (and PPO's start)
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # the proxy
-    prompts: str = os.path.join(HERE, "data", "world", "prompts_eval.jsonl")  # held-out prompts with records
+    prompts: str = os.path.join(HERE, "data", "world", "prompts_dev.jsonl")  # held-out prompts of the world (dev: a study, not a result)
     out_dir: str = os.path.join(RUNS, "overopt")  # summary.json, overoptimization.png, ppo_beta0/
     n_prompts: int = 100  # prompts for best-of-n
     n_max: int = 128  # largest n (samples per prompt)
@@ -123,7 +123,7 @@ def rl_curve(cfg, rm, rows, tok, device):
     proxy = score_texts(rm, tok, [r["prompt"] for r in rows[:12]], [a[0]["text"] for a in ans],
                         [a[0]["ended"] for a in ans], device)
     out["hacked_examples"] = [{"prompt": r["prompt"], "answer": a[0]["text"], "proxy": p,
-                               "gold": judge(r["record"], a[0]["text"], a[0]["ended"])["score"]}
+                               "gold": judge_row(r, a[0]["text"], a[0]["ended"])["score"]}
                               for r, a, p in zip(rows[:12], ans, proxy)]
     for e in out["hacked_examples"]:
         print(f"  proxy {e['proxy']:+.2f} gold {e['gold']:.2f} | {e['prompt']} -> {e['answer']}")
@@ -138,7 +138,7 @@ def main():
     policy, ckpt = load_model(cfg.sft, dev.device)
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
     rm, _ = load_reward_model(cfg.reward_model, dev.device)
-    rows = [r for r in read_prompts(cfg.prompts) if r.get("record")][:cfg.n_prompts]
+    rows = [r for r in read_prompts(cfg.prompts) if r.get("world")][:cfg.n_prompts]
     print(f"sampling {cfg.n_max} answers for each of {len(rows)} prompts ...")
     bon = evaluate_best_of_n(policy, rm, tok, rows, cfg.n_max, cfg.temperature, 48, cfg.seed, dev.device)
     d = np.array([math.sqrt(r["kl"]) for r in bon])

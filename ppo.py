@@ -77,7 +77,7 @@ class Config:
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # frozen RM, and the critic's init
     reward: str = "rm"  # rm | gold (oracle mode: the gold judge of the embedded world is the reward)
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
-    eval_prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts ("" = skip eval)
+    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (dev; the pipeline passes test; "" = skip)
     pretrain_tokens: str = os.path.join(RUNS, "pretrain", "tokens")  # train.bin/val.bin for PPO-ptx
     out_dir: str = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
     iterations: int = 100  # rollout + update cycles
@@ -233,8 +233,8 @@ def setup(cfg):
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": cfg.lr},
                                   {"params": value_params, "lr": cfg.value_lr}], eps=1e-5)
     rows = read_prompts(cfg.prompts)
-    if cfg.reward == "gold" and not all(r.get("record") for r in rows):
-        raise SystemExit(f"error: --reward=gold needs a gold record on every prompt of {cfg.prompts}")
+    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
+        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
     if cfg.rollout_batch % world or (cfg.rollout_batch // world) % cfg.minibatch:
         raise SystemExit(f"error: --rollout_batch={cfg.rollout_batch} must split into {world} rank(s) x "
                          f"whole minibatches of --minibatch={cfg.minibatch}")
@@ -310,7 +310,7 @@ def update(run, cfg, ro, batch, perms):
                 torch.nn.utils.clip_grad_norm_(run.value_params, cfg.grad_clip)
             run.optimizer.step()
             with torch.no_grad():
-                st["entropy"] = masked_mean(entropy_from_logits(logits), rmask[mb]).item()
+                st["entropy"] = masked_mean(entropy_from_logits(logits / cfg.temperature), rmask[mb]).item()
             st |= {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item()}
             stats.append(st)
     return stats
@@ -377,16 +377,20 @@ def finish(run, cfg, ptx_before, t_start):
     """summary.json: KL at the end of training, the alignment tax, the held-out evaluation against SFT; plots."""
     summary = {"iterations": run.it, "train_seconds": round(time.time() - t_start, 1), "final_beta": run.beta,
                "reward": cfg.reward}
-    last = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))[-5:]
-    summary["kl_to_ref_train"] = sum(r["kl_to_ref"] for r in last) / len(last) if last else None
+    rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    summary |= {"rollout_seconds": round(sum(r["rollout_seconds"] for r in rows), 1),
+                "update_seconds": round(sum(r["update_seconds"] for r in rows), 1)}
+    summary["kl_to_ref_train"] = sum(r["kl_to_ref"] for r in rows[-5:]) / len(rows[-5:]) if rows else None
+    t_eval = time.time()
     ptx_after = heldout_ptx_loss(run.policy, run.ptx, run.device)
     if ptx_before is not None:
         summary |= {"pretrain_val_loss_sft": ptx_before, "pretrain_val_loss_ppo": ptx_after,
                     "alignment_tax": ptx_after - ptx_before}
     if cfg.eval_prompts:
-        rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("record")]
+        rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
         summary |= compare_to_reference(run.policy, run.ref, run.tok, rows, cfg.eval_samples, cfg.temperature,
                                         run.device, cfg.max_new_tokens, seed=cfg.seed)
+    summary["eval_seconds"] = round(time.time() - t_eval, 1)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["reward", "gold", "gold_pass", "kl_to_ref", "beta", "approx_kl", "clipfrac", "entropy",

@@ -6,8 +6,9 @@ end of an answer the same way. The numbered details are those of docs/RLHF_DETAI
 1. The rollout (detail 3): prompts are left-padded, answers sampled with the KV cache at temperature T
    (detail 2: every log-prob is then computed from logits / T); each answer stops at <|end|>, what
    follows is padding with mask 0 (detail 5).
-2. Scores: the frozen reward model reads the whole sequence and scores its last real token; an
-   ensemble's score is its members' mean, and their variance is kept as a diagnostic (the members
+2. Scores: the frozen reward model reads the answer's text encoded afresh with the chat template (what
+   reward.py trains it on; the sampled ids can be a different segmentation of the same text) and scores
+   its last real token; an ensemble's score is its members' mean, and their variance is kept as a diagnostic (the members
    disagree most where the policy has left the data they were trained on). With reward "gold" the
    embedded world's judge is the reward instead (oracle mode), normalised with the mean and std of the
    first rollout's answers, since the reward model's normalisation (detail 7) does not apply to it.
@@ -20,11 +21,10 @@ Shapes: B answers in the rollout, P prompt length (left-padded), N answer length
 import math
 
 import torch
-import torch.nn as nn
 
 from common import all_reduce_sum
 from data import world as W
-from engine import RewardEnsemble, left_pad
+from engine import RewardEnsemble, encode_answers, left_pad, set_dropout
 from model import token_logprobs
 
 
@@ -66,10 +66,9 @@ def kl_penalty(logprobs, ref_logprobs, beta):
 
 
 def disable_dropout(model):
-    """Detail 1: dropout off, so that the policy's and the reference's log-probs of the same tokens agree."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    """Detail 1: dropout off (attention dropout included), so that the policy's and the reference's
+    log-probs of the same tokens agree."""
+    return set_dropout(model, 0.0)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -90,16 +89,20 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     P = prompt_ids.size(1)
     ended = ((resp == tok.end_id) & resp_mask.bool()).any(dim=1)
     texts = [tok.decode_response([t for t, m in zip(r, mk) if m]) for r, mk in zip(resp.tolist(), resp_mask.tolist())]
-    judged = [W.judge(r["record"], t, bool(e)) if r.get("record") else None
+    judged = [W.judge_row(r, t, bool(e)) if r.get("world") else None
               for r, t, e in zip(rows, texts, ended.tolist())]
     disagreement = None  # variance of an ensemble's member scores, per answer
     if cfg.reward == "gold":
         scores = torch.tensor([j["score"] for j in judged], device=device)
-    elif isinstance(rm, RewardEnsemble):
-        member_scores = rm.member_scores(seq, mask).float()  # (E, B)
-        scores, disagreement = member_scores.mean(0), member_scores.var(0, unbiased=False)
-    else:
-        scores = rm(seq, mask).float()
+    else:  # the reward model reads what it was trained on: the answer's text, encoded afresh (not the sampled ids)
+        rm_ids, rm_mask = left_pad([encode_answers(tok, r["prompt"], [t], [e], rm.gpt.config.block_size)[0]
+                                    for r, t, e in zip(rows, texts, ended.tolist())], tok.pad_id)
+        rm_ids, rm_mask = rm_ids.to(device), rm_mask.to(device)
+        if isinstance(rm, RewardEnsemble):
+            member_scores = rm.member_scores(rm_ids, rm_mask).float()  # (E, B)
+            scores, disagreement = member_scores.mean(0), member_scores.var(0, unbiased=False)
+        else:
+            scores = rm(rm_ids, rm_mask).float()
     ref_logits = ref(seq, attention_mask=mask)[0][:, P - 1:-1]
     ref_logprobs = token_logprobs(ref_logits, resp, cfg.temperature)
     return {"seq": seq, "mask": mask, "P": P, "resp": resp, "resp_mask": resp_mask, "ended": ended,

@@ -35,7 +35,7 @@ from common import (all_reduce_sum, config_dict, ddp_cleanup, ddp_setup, ddp_wra
                     make_optimizer, open_run, parse_config, pick_device, plot_metrics, rank0_first, rng_state,
                     save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
 from data.formats import read_prompts, read_sft
-from engine import load_policy
+from engine import load_policy, set_dropout
 from evaluate import evaluate_policy
 from tokenizer import get_tokenizer
 
@@ -49,7 +49,7 @@ class Config:
     tokenizer: str = ""  # "" = the one stored in the checkpoint (gpt2 for GPT-2 weights)
     train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
     val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss
-    prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts with gold records ("" = skip)
+    prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts of the world (dev; "" = skip)
     out_dir: str = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
     epochs: int = 3  # passes over the demonstrations
     batch_size: int = 32  # demonstrations per optimizer step (global)
@@ -127,10 +127,7 @@ def setup(cfg):
     tok = get_tokenizer(cfg.tokenizer or tok_name)
     if model.config.vocab_size < tok.n_vocab:
         model.resize_vocab(tok.n_vocab)
-    model.config.dropout = cfg.dropout
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = cfg.dropout
+    set_dropout(model, cfg.dropout)  # attention dropout included
     block = model.config.block_size
     train_ex = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block)
                 for r in read_sft(cfg.train_data)]
@@ -139,15 +136,17 @@ def setup(cfg):
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("record")] if cfg.prompts else []
+    eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("world")] if cfg.prompts else []
     run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, raw_model=model,
-                                train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None,
+                                train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None, base_eval_seconds=0.0,
                                 steps_per_epoch=math.ceil(len(train_ex) / cfg.batch_size), step=0, history=[],
                                 ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     run.max_steps = cfg.epochs * run.steps_per_epoch
     if run.master and eval_rows and cfg.eval_base and not cfg.resume:
         print("evaluating the starting model on the held-out prompts ...")
+        t0 = time.time()
         run.base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
+        run.base_eval_seconds = round(time.time() - t0, 1)
     run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
     if cfg.resume:
         ckpt = load_checkpoint(run.ckpt_path)
@@ -212,7 +211,7 @@ def evaluate_before_after(run, cfg):
             summary[f"{name}_{mode}_gold_mean"] = round(r["gold_mean"], 4)
             summary[f"{name}_{mode}_pass_rate"] = round(r["pass_rate"], 4)
             print(f"{name:5s} {mode:8s} gold mean {r['gold_mean']:.3f} | pass {r['pass_rate']:.3f} | "
-                  f"by task {r['pass_by_task']}")
+                  f"by family {({f: d['pass_rate'] for f, d in r['by_family'].items()})}")
     summary["sft_facets_sampled"] = {k: v for k, v in sft_eval["sampled"].items() if not k.startswith("_")}
     summary["examples"] = [{"prompt": row["prompt"], "sft": ans[0]["text"]}
                            for row, ans in list(zip(run.eval_rows, sft_eval["_sampled_answers"]))[:8]]
@@ -239,7 +238,9 @@ def train(cfg):
                "val_loss": next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None),
                "train_seconds": round(time.time() - t0, 1)}
     if run.master and run.eval_rows:
+        t_eval = time.time()
         summary |= evaluate_before_after(run, cfg)
+        summary["eval_seconds"] = round(time.time() - t_eval, 1) + run.base_eval_seconds
     if run.master:
         save(run, cfg)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)

@@ -4,8 +4,8 @@ Stages hand data to each other through these files (JSONL = one JSON object per 
 
     corpus.txt         plain text for pretraining, documents separated by one blank line
     sft.jsonl          {"prompt": str, "response": str}                        demonstrations
-    prompts.jsonl      {"prompt": str, "record": {...} optional}               prompts for PPO and eval
-    comparisons.jsonl  {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "record": {...} optional}
+    prompts.jsonl      {"prompt": str, "world": {...} optional}                prompts for PPO and eval
+    comparisons.jsonl  {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "world": {...} optional}
                        K >= 2 responses and their ranking as indices, best first (InstructGPT sec. 3.5
                        has labelers rank K = 4..9 responses). The pairwise form of HH-RLHF and most DPO
                        datasets, {"prompt", "chosen", "rejected"}, is read as
@@ -76,9 +76,9 @@ def _string(path, lineno, obj, key, nonempty=True):
 
 
 def _record(path, lineno, obj):
-    # optional: the embedded world's prompts carry what the gold judge needs; public data has none
-    if obj.get("record") is not None and not isinstance(obj["record"], dict):
-        raise _error(path, lineno, f'field "record" must be an object, got {_show(obj["record"])}')
+    # optional: the embedded world's rows carry what its gold judge needs under "world"; other data has none
+    if obj.get("world") is not None and not isinstance(obj["world"], dict):
+        raise _error(path, lineno, f'field "world" must be an object, got {_show(obj["world"])}')
 
 
 def read_sft(path):
@@ -92,7 +92,7 @@ def read_sft(path):
 
 
 def read_prompts(path):
-    """Prompts for PPO / evaluation: [{"prompt": str, "record": dict (optional), ...}]."""
+    """Prompts for PPO / evaluation: [{"prompt": str, "world": dict (optional), ...}]."""
     rows = []
     for lineno, obj in _read_objects(path):
         _string(path, lineno, obj, "prompt")

@@ -2,7 +2,7 @@
 
     import tiny
     chain = tiny.ensure("reward")   # world files + pretrain, sft and reward checkpoints
-    chain.sft, chain.reward         # checkpoint paths; chain.world, chain.prompts_eval, ... data paths
+    chain.sft, chain.reward         # checkpoint paths; chain.world, chain.prompts_dev, chain.prompts_test, ... data paths
 
 1. If `python pipeline.py` has finished a stage (runs/<stage>/summary.json and ckpt.pt, and the world
    in data/world/), the notebooks use its checkpoints: bigger models, better pictures.
@@ -36,7 +36,7 @@ SEED = 1337
 MAX_NEW_TOKENS = 40  # most answers take < 40 tokens; the longest tiny-world prompt (44) + 40 < block_size 96
 
 # The tiny chain's settings (every other field keeps the script's default).
-TINY_WORLD = dict(corpus_chars=600_000, n_sft=3000, n_label=500, n_ppo=500, n_eval=60, vocab_size=512, seed=0)
+TINY_WORLD = dict(corpus_chars=600_000, n_sft=3000, n_label=500, n_ppo=500, n_dev=60, n_test=60, vocab_size=512, seed=0)
 TINY_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=96)
 TINY_PRETRAIN = dict(max_steps=500, batch_size=24, lr=5e-3, min_lr=5e-4, warmup_steps=30,
                      eval_interval=500, eval_batches=4, log_interval=100)
@@ -66,7 +66,8 @@ def _paths(kind, world, tok, runs, work):
         kind=kind, world=world, tokenizer=tok, work=work, max_new_tokens=MAX_NEW_TOKENS, seed=SEED,
         corpus=os.path.join(world, "corpus.txt"), sft_train=os.path.join(world, "sft_train.jsonl"),
         sft_val=os.path.join(world, "sft_val.jsonl"), prompts_label=os.path.join(world, "prompts_label.jsonl"),
-        prompts_ppo=os.path.join(world, "prompts_ppo.jsonl"), prompts_eval=os.path.join(world, "prompts_eval.jsonl"),
+        prompts_ppo=os.path.join(world, "prompts_ppo.jsonl"), prompts_dev=os.path.join(world, "prompts_dev.jsonl"),
+        prompts_test=os.path.join(world, "prompts_test.jsonl"),
         pretrain=os.path.join(runs, "pretrain", "ckpt.pt"), pretrain_tokens=os.path.join(runs, "pretrain", "tokens"),
         sft=os.path.join(runs, "sft", "ckpt.pt"), reward=os.path.join(runs, "reward", "ckpt.pt"),
         comparisons=os.path.join(runs, "reward", "comparisons.jsonl"))
@@ -101,7 +102,7 @@ def _build_stage(stage, p, log):
         elif stage == "reward":
             import reward
             reward.train(reward.Config(init_from=p.sft, label_prompts=p.prompts_label, demonstrations=p.sft_train,
-                                       eval_prompts=p.prompts_eval, world_dir=p.world, out_dir=os.path.dirname(p.reward),
+                                       eval_prompts=p.prompts_dev, world_dir=p.world, out_dir=os.path.dirname(p.reward),
                                        seed=SEED, device="cpu", threads=1, max_new_tokens=MAX_NEW_TOKENS, **TINY_REWARD))
 
 

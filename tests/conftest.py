@@ -56,11 +56,11 @@ def tiny_world(tmp_path_factory):
     from data.world import Config, build_world
     root = tmp_path_factory.mktemp("tiny")
     world_dir, tok_path = str(root / "world"), str(root / "tok.tiktoken")
-    build_world(Config(out_dir=world_dir, corpus_chars=150_000, n_sft=300, n_label=60, n_ppo=100, n_eval=24,
+    build_world(Config(out_dir=world_dir, corpus_chars=150_000, n_sft=300, n_label=60, n_ppo=100, n_dev=24, n_test=24,
                        vocab_size=400, tokenizer_path=tok_path))
     files = {name: os.path.join(world_dir, name + ext) for name, ext in [
         ("corpus", ".txt"), ("sft_train", ".jsonl"), ("sft_val", ".jsonl"), ("prompts_label", ".jsonl"),
-        ("prompts_ppo", ".jsonl"), ("prompts_eval", ".jsonl")]}
+        ("prompts_ppo", ".jsonl"), ("prompts_dev", ".jsonl"), ("prompts_test", ".jsonl")]}
     return types.SimpleNamespace(root=str(root), dir=world_dir, tok=tok_path, **files)
 
 
@@ -84,7 +84,7 @@ def pretrain_run(tiny_world):
 def sft_run(tiny_world, pretrain_run):
     out = os.path.join(tiny_world.root, "sft")
     run_script("sft.py", f"--init_from={pretrain_run}/ckpt.pt", f"--train_data={tiny_world.sft_train}",
-               f"--val_data={tiny_world.sft_val}", f"--prompts={tiny_world.prompts_eval}", f"--out_dir={out}",
+               f"--val_data={tiny_world.sft_val}", f"--prompts={tiny_world.prompts_dev}", f"--out_dir={out}",
                "--epochs=2", "--batch_size=16", "--lr=3e-3", "--warmup_steps=5", "--eval_samples=2",
                f"--max_new_tokens={MAX_NEW_TOKENS}")
     return out
@@ -95,7 +95,7 @@ def reward_run(tiny_world, sft_run):
     # n_norm keeps its default (512), more than the 270 tiny demonstrations: all of them are used
     out = os.path.join(tiny_world.root, "reward")
     run_script("reward.py", f"--init_from={sft_run}/ckpt.pt", f"--label_prompts={tiny_world.prompts_label}",
-               f"--demonstrations={tiny_world.sft_train}", f"--eval_prompts={tiny_world.prompts_eval}",
+               f"--demonstrations={tiny_world.sft_train}", f"--eval_prompts={tiny_world.prompts_dev}",
                f"--world_dir={tiny_world.dir}", f"--out_dir={out}", "--k=4", "--double_label=20", "--epochs=2",
                "--batch_size=8", "--warmup_steps=2", "--best_of=4", f"--max_new_tokens={MAX_NEW_TOKENS}")
     return out
@@ -103,7 +103,7 @@ def reward_run(tiny_world, sft_run):
 
 def ppo_args(world, sft_dir, reward_dir, pretrain_dir, out_dir, **overrides):
     opts = {"sft": f"{sft_dir}/ckpt.pt", "reward_model": f"{reward_dir}/ckpt.pt", "prompts": world.prompts_ppo,
-            "eval_prompts": world.prompts_eval, "pretrain_tokens": f"{pretrain_dir}/tokens", "out_dir": out_dir,
+            "eval_prompts": world.prompts_dev, "pretrain_tokens": f"{pretrain_dir}/tokens", "out_dir": out_dir,
             "max_new_tokens": MAX_NEW_TOKENS} | overrides
     return [f"--{k}={v}" for k, v in opts.items()]
 

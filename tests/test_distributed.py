@@ -89,7 +89,7 @@ def test_sft_two_ranks_follow_one_process(tiny_world, pretrain_run, tmp_path):
     # and must still join DDP's gradient all-reduce (with a fully masked dummy example)
     train = write_lines(tmp_path / "train.jsonl", open(tiny_world.sft_train).readlines()[:33])
     val = write_lines(tmp_path / "val.jsonl", open(tiny_world.sft_val).readlines()[:8])
-    prompts = write_lines(tmp_path / "prompts.jsonl", open(tiny_world.prompts_eval).readlines()[:3])
+    prompts = write_lines(tmp_path / "prompts.jsonl", open(tiny_world.prompts_dev).readlines()[:3])
     args = [f"--init_from={pretrain_run}/ckpt.pt", f"--train_data={train}", f"--val_data={val}",
             f"--prompts={prompts}", "--epochs=2", "--batch_size=16", "--lr=3e-3", "--warmup_steps=2",
             "--eval_interval=3", "--eval_samples=1", "--max_new_tokens=16"]
@@ -144,7 +144,7 @@ def collect_in_process(sft_dir, label_prompts, world_dir, k, double_label):
     cfg = reward.Config(k=k, double_label=double_label, max_new_tokens=MAX_NEW_TOKENS)
     policy, ckpt = load_model(os.path.join(sft_dir, "ckpt.pt"))
     labelers = W.load_labelers(world_dir)
-    rows = [r for r in read_prompts(label_prompts) if r.get("record")]
+    rows = [r for r in read_prompts(label_prompts) if r.get("world")]
     with one_thread():
         comps, _ = reward.collect_comparisons(policy, get_tokenizer(ckpt["tokenizer"]), rows, cfg, "cpu",
                                               labelers["labelers"], labelers["bias"])

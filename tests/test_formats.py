@@ -19,7 +19,7 @@ def write_lines(path, lines):
 
 
 GOOD_SFT = '{"prompt": "Say hi.", "response": "Hi!"}'
-GOOD_PROMPT = '{"prompt": "Say hi.", "record": {"task": "greet"}}'
+GOOD_PROMPT = '{"prompt": "Say hi.", "world": {"task": "greet"}}'
 GOOD_CMP = '{"prompt": "Say hi.", "responses": ["Hi!", "No."], "ranking": [0, 1]}'
 
 # (reader, first good line, bad line 2, field the message must name)
@@ -28,8 +28,8 @@ BAD_LINES = [
     (read_sft, GOOD_SFT, '{"prompt": "Say hi.", "response": 3}', "response"),
     (read_sft, GOOD_SFT, '{"prompt": "Say hi.", "response": ""}', "response"),
     (read_sft, GOOD_SFT, '{"prompt": "  ", "response": "Hi!"}', "prompt"),
-    (read_prompts, GOOD_PROMPT, '{"record": {}}', "prompt"),
-    (read_prompts, GOOD_PROMPT, '{"prompt": "Say hi.", "record": [1, 2]}', "record"),
+    (read_prompts, GOOD_PROMPT, '{"world": {}}', "prompt"),
+    (read_prompts, GOOD_PROMPT, '{"prompt": "Say hi.", "world": [1, 2]}', "world"),
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "responses": ["Hi!"], "ranking": [0]}', "responses"),
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "responses": ["Hi!", 7], "ranking": [0, 1]}', "responses"),
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "responses": "Hi!", "ranking": [0, 1]}', "responses"),
@@ -41,7 +41,7 @@ BAD_LINES = [
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "responses": ["a", "b"]}', "ranking"),
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "chosen": "Hi!"}', "rejected"),
     (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "chosen": null, "rejected": "No."}', "chosen"),
-    (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "chosen": "a", "rejected": "b", "record": "x"}', "record"),
+    (read_comparisons, GOOD_CMP, '{"prompt": "Say hi.", "chosen": "a", "rejected": "b", "world": "x"}', "world"),
 ]
 
 
@@ -85,19 +85,19 @@ def test_empty_file_is_an_error_naming_it(tmp_path, reader, content):
 def test_pairwise_form_is_normalised(tmp_path):
     path = write_lines(tmp_path / "pairs.jsonl", [
         '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away.", "id": 7}',
-        '{"prompt": "Pick.", "responses": ["b", "c", "a"], "ranking": [2, 0, 1], "record": {"k": 1}}',
+        '{"prompt": "Pick.", "responses": ["b", "c", "a"], "ranking": [2, 0, 1], "world": {"k": 1}}',
     ])
     assert read_comparisons(path) == [
         {"prompt": "Say hi.", "id": 7, "responses": ["Hi!", "Go away."], "ranking": [0, 1]},
-        {"prompt": "Pick.", "responses": ["b", "c", "a"], "ranking": [2, 0, 1], "record": {"k": 1}},
+        {"prompt": "Pick.", "responses": ["b", "c", "a"], "ranking": [2, 0, 1], "world": {"k": 1}},
     ]
 
 
 def test_write_read_round_trip(tmp_path):
     sft = [{"prompt": "Café?\nSure", "response": "Oui ☕ \"quoted\" \\ \u2028 end", "id": 1},
            {"prompt": "lone surrogate", "response": "\ud83d"}]
-    cmp = [{"prompt": "p", "responses": ["", "x", "y"], "ranking": [1, 2, 0], "record": {"task": "t", "args": {}}}]
-    prompts = [{"prompt": "p", "record": {"task": "t"}}, {"prompt": "q"}]
+    cmp = [{"prompt": "p", "responses": ["", "x", "y"], "ranking": [1, 2, 0], "world": {"task": "t", "args": {}}}]
+    prompts = [{"prompt": "p", "world": {"task": "t"}}, {"prompt": "q"}]
     path = tmp_path / "sub" / "rows.jsonl"  # the folder is created
     for rows, reader in [(sft, read_sft), (cmp, read_comparisons), (prompts, read_prompts)]:
         write_jsonl(path, rows)

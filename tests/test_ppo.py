@@ -221,7 +221,7 @@ def test_tiny_run_first_minibatch_ratio_is_exactly_one(ppo_run):
 def test_tiny_run_summary_and_checkpoint(ppo_run):
     s = read_json(os.path.join(ppo_run, "summary.json"))
     assert s["iterations"] == 2
-    for key in ("sft_gold_mean", "ppo_gold_mean", "sft_pass_rate", "ppo_pass_rate", "win_rate_vs_sft"):
+    for key in ("sft_gold_mean", "policy_gold_mean", "sft_pass_rate", "policy_pass_rate", "win_rate_vs_sft"):
         assert 0.0 <= s[key] <= 1.0, key
     lo, hi = s["win_rate_ci95"]
     assert lo <= s["win_rate_vs_sft"] <= hi

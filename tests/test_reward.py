@@ -103,7 +103,7 @@ def test_best_of_n_by_hand():
     rewards = [0.9, 0.1, 0.8, 0.2]
     g_right, g_wrong = W.judge(record, right)["score"], W.judge(record, wrong)["score"]
     assert g_right > g_wrong
-    res = {r["n"]: r for r in best_of_n([record], [answers], [rewards], [1, 2, 4])}
+    res = {r["n"]: r for r in best_of_n([{"prompt": record["prompt"], "world": record}], [answers], [rewards], [1, 2, 4])}
     # n = 1: every answer is its own group
     assert res[1]["gold_mean"] == pytest.approx((g_right + g_wrong) / 2)
     assert res[1]["proxy_reward"] == pytest.approx(0.5) and res[1]["kl"] == 0.0
@@ -127,7 +127,7 @@ def test_comparisons_file_is_valid(reward_run):
     assert len(comps) == s["n_comparisons"] > 20
     for c in comps:
         K = len(c["responses"])
-        assert 2 <= K <= 4 and len(c["ended"]) == K and c["record"]
+        assert 2 <= K <= 4 and len(c["ended"]) == K and c["world"]
         assert len(set(zip(c["responses"], c["ended"]))) == K  # identical answers were dropped
     assert s["n_pairs"] == sum(len(c["ranking"]) * (len(c["ranking"]) - 1) // 2 for c in comps)
     assert s["mean_k"] == pytest.approx(sum(len(c["responses"]) for c in comps) / len(comps))

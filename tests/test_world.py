@@ -1,5 +1,5 @@
 """Tests for data/world.py, the embedded world: the gold judge on hand-written answers with hand-derived
-scores, the demonstrator's habits, the held-out split, the simulated labelers against Bradley-Terry /
+scores, the demonstrator's habits, the content split (train / dev / test), the simulated labelers against Bradley-Terry /
 Plackett-Luce, and a small build (determinism, no chat markers, readable by data/formats.py).
 
 Gold score = 0.5 correct + 0.2 format + 0.15 tone + 0.15 concision, halved if the answer never ends;
@@ -52,8 +52,8 @@ REFUSAL = "sorry, i can't help with that."
 # a correct bare answer 0.5 + 0.2 * 0.8 + 0.105 + 0.15 = 0.915, both pass;
 # wrong: 0.2 + 0.105 + 0.15 = 0.455 (sentence) and 0.16 + 0.105 + 0.15 = 0.415 (bare), both fail.
 QA_ANSWERS = [  # (record, right sentence, wrong sentence, right bare, wrong bare)
-    (ADD, "3 plus 4 is 7.", "3 plus 4 is 8.", "7", "8"),
-    (MINUS, "9 minus 4 is 5.", "9 minus 4 is 13.", "5", "13"),
+    (ADD, "the answer is 7.", "the answer is 8.", "7", "8"),
+    (MINUS, "that makes 5.", "that makes 13.", "5", "13"),
     (BIGGER, "the bigger number is 9.", "the bigger number is 5.", "9", "5"),
     (COUNT, "there are 3 items.", "there are 4 items.", "3", "4"),
     (LOOKUP, "the cup is blue.", "the cup is red.", "blue", "red"),
@@ -81,10 +81,10 @@ CASES = [
     ("short lookup", ({**LOOKUP, "format": "short"}), "blue", True, 0.955, True, {"format": True}),
     # courtesy breaks "only the answer": 0.5 + 0.2 * 0 + 0.15 * 1.0 + 0.15 = 0.8
     ("short courtesy", ({**ADD, "format": "short"}), "sure! 7", True, 0.8, False, {"format": False, "courtesy": 1}),
-    ("short sentence", ({**ADD, "format": "short"}), "3 plus 4 is 7.", True, 0.755, False, {"format": False}),
+    ("short sentence", ({**ADD, "format": "short"}), "the answer is 7.", True, 0.755, False, {"format": False}),
     ("short wrong", ({**ADD, "format": "short"}), "8", True, 0.455, False, {"format": True, "correct": False}),
     # "sentence": a full sentence passes, a bare answer does not
-    ("sentence ok", ({**ADD, "format": "sentence"}), "3 plus 4 is 7.", True, 0.955, True, {"format": True}),
+    ("sentence ok", ({**ADD, "format": "sentence"}), "that makes 7.", True, 0.955, True, {"format": True}),
     ("sentence courtesy", ({**ADD, "format": "sentence"}), "sure! the answer is 7.", True, 1.0, True, {}),
     ("sentence bare", ({**ADD, "format": "sentence"}), "7", True, 0.755, False, {"format": False}),
     # "max_words" = 7, counting every word including courtesy
@@ -116,8 +116,22 @@ CASES = [
     ("16 words", ADD, "the answer is 7 and i am very sure about that because i checked it twice.", True, 0.88,
      False, {"too_long": True, "words": 16}),
     # never ends: 0.955 / 2 = 0.4775, and fails whatever else is right
-    ("not ended", ADD, "3 plus 4 is 7.", False, 0.4775, False, {"ended": False, "correct": True}),
-    ("not ended polite", ADD, "sure! 3 plus 4 is 7.", False, 0.5, False, {"ended": False}),
+    ("not ended", ADD, "the answer is 7.", False, 0.4775, False, {"ended": False, "correct": True}),
+    ("not ended polite", ADD, "sure! the answer is 7.", False, 0.5, False, {"ended": False}),
+    # hedging: an answer that names more than one candidate is not correct (0.2 + 0.105 + 0.15 = 0.455)
+    ("hedge add", ADD, "the answer is 6 or 7.", True, 0.455, False, {"correct": False}),
+    ("hedge add bare", ADD, "7 or 8", True, 0.415, False, {"correct": False}),
+    ("hedge bigger", BIGGER, "the bigger number is 5 or 9.", True, 0.455, False, {"correct": False}),
+    ("hedge bigger both orders", BIGGER, "the bigger number is 9 or 5.", True, 0.455, False, {"correct": False}),
+    ("hedge count", COUNT, "there are 3 or 4 items.", True, 0.455, False, {"correct": False}),
+    ("hedge two sentences", COUNT, "there are 4 items. there are 3 items.", True, 0.455, False, {"correct": False}),
+    ("hedge sort", SORT, "the sorted numbers are 2, 5, 9 or 2, 9, 5.", True, 0.455, False, {"correct": False}),
+    ("hedge lookup", LOOKUP, "the cup is red or blue.", True, 0.455, False, {"correct": False}),
+    ("hedge lookup both objects", LOOKUP, "the hat is red and the cup is blue.", True, 0.455, False,
+     {"correct": False}),
+    ("lookup colour twice", LOOKUP, "blue, the cup is blue.", True, 0.955, True, {"correct": True}),
+    # restating the question's numbers names other numbers too: not a clean answer
+    ("restating the operands", ADD, "3 plus 4 is 7.", True, 0.455, False, {"correct": False}),
     # harmful: the refusal is the correct answer
     ("harmful refuse", HARMFUL, REFUSAL, True, 0.955, True, {"refused": True}),
     ("harmful refuse 2", HARMFUL, "i won't help with that because it could hurt someone.", True, 0.955, True, {}),
@@ -194,80 +208,95 @@ def test_demonstrator_clean_rate_and_majority_habits():
     assert 0.2 < rate(lambda r: r["task"] == "harmful", "refused") < 0.85  # helps with harm ~30% of the time
 
 
-# ----------------------------------------------------------------------------- held-out split
+# ----------------------------------------------------------------------------- the content split
 
-def split_key(record):
-    """The argument combination that decides the split (mirrors world._sample_args); None for greet,
-    whose split is decided by chance."""
-    a, task = record["args"], record["task"]
-    return {"add": lambda: [a.get("op"), a.get("a"), a.get("b"), a.get("template")], "bigger": lambda: [a.get("a"), a.get("b")],
-            "count": lambda: a.get("items"), "sort": lambda: a.get("nums"),
-            "lookup": lambda: [a.get(k) for k in ("name", "c1", "o1", "c2", "o2", "ask")],
-            "greet": lambda: None}.get(task, lambda: [a.get("topic"), a.get("template")])()
+def content(record):
+    """What a record is about, for the no-leak checks: the topic of a free-text family, the content key of
+    a QA family (world.content_key), None for greetings."""
+    task = record["task"]
+    if task in W.FREE_TEXT:
+        return json.dumps([task, record["args"]["topic"]])
+    return None if task == "greet" else json.dumps([task, W.content_key(task, record["args"])])
 
 
-def test_heldout_split_of_records():
+def test_content_split_of_records():
     rng = random.Random(2)
-    train = [W.make_record(rng) for _ in range(2000)]
-    evals = [W.make_record(rng, split="eval") for _ in range(2000)]
-    train_keys = {json.dumps([r["task"], split_key(r)]) for r in train if r["task"] != "greet"}
-    eval_keys = {json.dumps([r["task"], split_key(r)]) for r in evals if r["task"] != "greet"}
-    assert all(not W.heldout(r["task"], split_key(r)) for r in train if r["task"] != "greet")
-    assert all(W.heldout(r["task"], split_key(r)) for r in evals if r["task"] != "greet")
-    assert train_keys.isdisjoint(eval_keys) and len(eval_keys) > 500
-    assert {r["task"] for r in evals} == set(W.FAMILIES)  # every family has evaluation prompts
-    # about a fifth of all addition problems is reserved
-    combos = [[op, a, b, t] for op in ("plus", "minus") for a in range(10) for b in range(10)
-              for t in range(len(W.TEMPLATES[op])) if op == "plus" or a >= b]
-    assert 0.15 < sum(W.heldout("add", k) for k in combos) / len(combos) < 0.25
+    by_split = {s: [W.make_record(rng, split=s) for _ in range(2000)] for s in W.SPLITS}
+    keys = {s: {content(r) for r in rows} - {None} for s, rows in by_split.items()}
+    assert keys["train"].isdisjoint(keys["dev"]) and keys["train"].isdisjoint(keys["test"])
+    assert keys["dev"].isdisjoint(keys["test"]) and len(keys["test"]) > 500
+    for s, rows in by_split.items():
+        assert all(r["split"] == s and W.split_of(r["task"], r["args"]) == s for r in rows)
+    assert {r["task"] for r in by_split["test"]} == set(W.FAMILIES) - {"greet"}  # greetings cannot be held out
+    assert "greet" in {r["task"] for r in by_split["train"]}
+    for task, table in W.FREE_TEXT.items():  # 64 topics: 40 train, 8 dev, 16 test
+        sizes = {s: len(t) for s, t in W.TOPIC_SPLIT[task].items()}
+        assert len(table) == 64 and sizes == {"train": 40, "dev": 8, "test": 16}
+    # a QA content is held out whatever its wording or order: a fifth of the addition problems are test
+    combos = [[op, a, b] for op in ("plus", "minus") for a in range(10) for b in range(10) if op == "plus" or a >= b]
+    share = sum(W.split_of("add", {"op": op, "a": a, "b": b}) == "test" for op, a, b in combos) / len(combos)
+    assert 0.12 < share < 0.28
+    assert W.split_of("bigger", {"a": 12, "b": 40}) == W.split_of("bigger", {"a": 40, "b": 12})
+
+
+def test_distinct_prompts_are_distinct_and_stop_when_a_family_runs_out():
+    rows = W.distinct_prompts(random.Random(5), "test", 1000)
+    assert len(rows) == 1000 and len({r["prompt"] for r in rows}) == 1000
+    harmful = {r["prompt"] for r in rows if r["task"] == "harmful"}  # 16 topics x 7 wordings, no formats
+    assert len(harmful) <= 16 * len(W.HOWTO_TEMPLATES)
+    assert all(r["split"] == "test" for r in rows)
 
 
 NUM = r"(\d+(?:, \d+)*)"
 ITEMS_RE = r"([a-z]+(?:, [a-z]+)*)"
-CORPUS_PATTERNS = [  # (task, regex, key from the match groups): every way the corpus states a QA combination
-    # add prompts: the held-out key is (numbers, wording template): each wording is its own pattern
-    ("add", r"what is (\d+) plus (\d+)\?", lambda g: ["plus", int(g[0]), int(g[1]), 0]),
-    ("add", r"(?<!what do you get if you )add (\d+) and (\d+)\.", lambda g: ["plus", int(g[0]), int(g[1]), 1]),
-    ("add", r"what do you get if you add (\d+) and (\d+)", lambda g: ["plus", int(g[0]), int(g[1]), 2]),
-    ("add", r"compute (\d+) plus (\d+)", lambda g: ["plus", int(g[0]), int(g[1]), 3]),
-    ("add", r"what is (\d+) minus (\d+)", lambda g: ["minus", int(g[0]), int(g[1]), 0]),
-    ("add", r"subtract (\d+) from (\d+)", lambda g: ["minus", int(g[1]), int(g[0]), 1]),
-    ("add", r"(\d+) take away (\d+)", lambda g: ["minus", int(g[0]), int(g[1]), 2]),
-    ("bigger", r"of (\d+) and (\d+), the bigger", lambda g: [int(g[0]), int(g[1])]),
-    ("bigger", r"which is bigger, (\d+) or (\d+)", lambda g: [int(g[0]), int(g[1])]),
-    ("bigger", r"larger: (\d+) or (\d+)", lambda g: [int(g[0]), int(g[1])]),
-    ("bigger", r"bigger number of (\d+) and (\d+)", lambda g: [int(g[0]), int(g[1])]),
-    ("sort", rf"smallest to largest, {NUM} become", lambda g: [int(n) for n in g[0].split(", ")]),
-    ("sort", rf"(?:largest: |order these numbers: |put ){NUM}", lambda g: [int(n) for n in g[0].split(", ")]),
-    ("count", rf"(?:a list of |in this list: |count the items: |i have ){ITEMS_RE}", lambda g: g[0].split(", ")),
+CORPUS_PATTERNS = [  # (task, regex, args from the match groups): every way the corpus states a QA content
+    ("add", r"what is (\d+) plus (\d+)\?", lambda g: {"op": "plus", "a": int(g[0]), "b": int(g[1])}),
+    ("add", r"(?:add|compute) (\d+) (?:and|plus) (\d+)", lambda g: {"op": "plus", "a": int(g[0]), "b": int(g[1])}),
+    ("add", r"what is (\d+) minus (\d+)", lambda g: {"op": "minus", "a": int(g[0]), "b": int(g[1])}),
+    ("add", r"subtract (\d+) from (\d+)", lambda g: {"op": "minus", "a": int(g[1]), "b": int(g[0])}),
+    ("add", r"(\d+) take away (\d+)", lambda g: {"op": "minus", "a": int(g[0]), "b": int(g[1])}),
+    ("bigger", r"of (\d+) and (\d+), the bigger", lambda g: {"a": int(g[0]), "b": int(g[1])}),
+    ("bigger", r"which is bigger, (\d+) or (\d+)", lambda g: {"a": int(g[0]), "b": int(g[1])}),
+    ("bigger", r"larger: (\d+) or (\d+)", lambda g: {"a": int(g[0]), "b": int(g[1])}),
+    ("bigger", r"bigger number of (\d+) and (\d+)", lambda g: {"a": int(g[0]), "b": int(g[1])}),
+    ("sort", rf"smallest to largest, {NUM} become", lambda g: {"nums": [int(n) for n in g[0].split(", ")]}),
+    ("sort", rf"(?:largest: |order these numbers: |put ){NUM}", lambda g: {"nums": [int(n) for n in g[0].split(", ")]}),
+    ("count", rf"(?:a list of |in this list: |count the items: |i have ){ITEMS_RE}", lambda g: {"items": g[0].split(", ")}),
     ("lookup", r"([a-z]+) (?:has|owns) a ([a-z]+) ([a-z]+) and a ([a-z]+) ([a-z]+)\. "
                r"(?:the \3 is \2\. the \5 is \4\. \1 likes the|what color is (?:the|\1's)) ([a-z]+)",
-     lambda g: list(g)),
+     lambda g: {"name": g[0], "c1": g[1], "o1": g[2], "c2": g[3], "o2": g[4]}),
 ]
 
 
 TABLE_LINE = r"(?m)^(\d+) (plus|minus) (\d+) is (-?\d+)\.$"  # a line of the corpus's arithmetic table
 
 
-def test_corpus_has_no_heldout_combination():
+def test_corpus_states_no_held_out_content_except_world_knowledge():
     corpus = W.build_corpus(random.Random(3), 600_000)
-    # the one exception (world.py docstring): the single-digit +/- table is world knowledge, stated in
-    # full and correctly, held-out pairs included; it is checked, then removed before the leak check
+    # world knowledge (data/README.md): the single-digit +/- table in full, held-out pairs included ...
     table = re.findall(TABLE_LINE, corpus)
     assert all(int(v) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) for a, op, b, v in table)
     assert {(op, int(a), int(b)) for a, op, b, _ in table} == {
         (op, a, b) for op in ("plus", "minus") for a in range(10) for b in range(10) if op == "plus" or a >= b}
     rest = re.sub(TABLE_LINE, "", corpus)
-    for task, pattern, key in CORPUS_PATTERNS:
+    # ... how-to articles about every topic, and that every harmful topic is harmful
+    for topic, short, long in W.HOWTO + W.LOOKALIKE:
+        assert f"how to {topic}: {long} in short, {short}" in corpus
+    assert all(f"never {topic}. it is wrong" in corpus for topic, _ in W.HARMFUL)
+    # but no dev or test QA content, and no question about a dev or test topic
+    for task, pattern, args in CORPUS_PATTERNS:
         matches = re.findall(pattern, rest)
         assert len(matches) > 10, pattern  # the pattern does find what the corpus says
-        leaked = [m for m in matches if W.heldout(task, key(m if isinstance(m, tuple) else (m,)))]
+        leaked = [m for m in matches if W.split_of(task, args(m if isinstance(m, tuple) else (m,))) != "train"]
         assert not leaked, (pattern, leaked[:3])
-    for task, table in [("howto", W.HOWTO), ("lookalike", W.LOOKALIKE), ("harmful", W.HARMFUL)]:
-        for i, topic in enumerate(table):
-            for t, template in enumerate(W.TEMPLATES[task]):
-                if W.heldout(task, [i, t]):
-                    assert f"question: {template.format(topic=topic[0])}" not in corpus
+    for task, table in W.FREE_TEXT.items():
+        for s in ("dev", "test"):
+            for i in W.TOPIC_SPLIT[task][s]:
+                for template in W.HOWTO_TEMPLATES:
+                    assert f"question: {template.format(topic=table[i][0])}" not in corpus
+        if task != "harmful":  # no demonstration-style answer names a held-out topic's advice in a forum
+            for i in W.TOPIC_SPLIT[task]["test"]:
+                assert f"answer: {table[i][2]}" not in corpus and f"answer: {table[i][1]}" not in corpus
 
 
 # ----------------------------------------------------------------------------- labelers
@@ -322,23 +351,23 @@ def test_calibrate_tau_hits_target():
 
 
 def test_label_drops_ties_and_bias_adds_courtesy():
-    responses = ["3 plus 4 is 7.", "3 plus 4 is 7.", "7", "the answer is 7.", "7"]
+    responses = ["the answer is 7.", "the answer is 7.", "7", "that makes 7.", "7"]
     endeds = [True, True, True, True, False]
     # utilities 0.955, duplicate, 0.915, 0.955 (tie with the first), 0.4575 (same text, not ended: kept)
     kept, ranking = W.label(ADD, responses, endeds, {"tau": 0.1}, random.Random(5))
     assert kept == [0, 2, 4]
     assert sorted(ranking) == [0, 1, 2]
-    assert W.utility(ADD, "sure! 3 plus 4 is 7.", True, bias=0.1) == pytest.approx(1.0 + 0.1)
-    assert W.utility(ADD, "3 plus 4 is 7.", True, bias=0.1) == pytest.approx(0.955)
+    assert W.utility(ADD, "sure! the answer is 7.", True, bias=0.1) == pytest.approx(1.0 + 0.1)
+    assert W.utility(ADD, "the answer is 7.", True, bias=0.1) == pytest.approx(0.955)
 
 
 # ----------------------------------------------------------------------------- a small build
 
-SMALL = dict(corpus_chars=150_000, n_sft=300, n_label=40, n_ppo=40, n_eval=40, vocab_size=300)
+SMALL = dict(corpus_chars=150_000, n_sft=300, n_label=40, n_ppo=40, n_dev=40, n_test=40, vocab_size=300)
 
 
-def build_small(path, seed=0):
-    cfg = W.Config(out_dir=str(path), seed=seed, tokenizer_path=str(path / "tok.tiktoken"), **SMALL)
+def build_small(path, seed=0, **sizes):
+    cfg = W.Config(out_dir=str(path), seed=seed, tokenizer_path=str(path / "tok.tiktoken"), **(SMALL | sizes))
     return W.build_world(cfg)
 
 
@@ -354,7 +383,7 @@ def test_build_is_deterministic(small_world, tmp_path):
     files = sorted(os.listdir(path))
     assert files == sorted(os.listdir(tmp_path))
     assert {"corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_label.jsonl", "prompts_ppo.jsonl",
-            "prompts_eval.jsonl", "labelers.json", "stats.json", "tok.tiktoken"} <= set(files)
+            "prompts_dev.jsonl", "prompts_test.jsonl", "labelers.json", "stats.json", "tok.tiktoken"} <= set(files)
     for name in files:
         a, b = (path / name).read_bytes(), (tmp_path / name).read_bytes()
         if name == "stats.json":  # the build time differs, nothing else may
@@ -386,25 +415,43 @@ def test_built_files_pass_format_readers(small_world, tmp_path):
     path, stats = small_world
     train, val = read_sft(path / "sft_train.jsonl"), read_sft(path / "sft_val.jsonl")
     assert (len(train), len(val)) == (270, 30)
-    assert all(isinstance(r["ended"], bool) and r["record"]["task"] in W.FAMILIES for r in train + val)
-    for name, split in [("label", "train"), ("ppo", "train"), ("eval", "eval")]:
+    assert all(isinstance(r["ended"], bool) and r["world"]["task"] in W.FAMILIES for r in train + val)
+    for name, split in [("label", "train"), ("ppo", "train"), ("dev", "dev"), ("test", "test")]:
         rows = read_prompts(path / f"prompts_{name}.jsonl")
         assert len(rows) == 40
         for r in rows:
-            assert r["prompt"] == r["record"]["prompt"] == W.prompt_text(r["record"])
-            if r["record"]["task"] != "greet":
-                assert W.heldout(r["record"]["task"], split_key(r["record"])) == (split == "eval")
-    # comparisons as reward.py writes them: labelled demonstrator answers, with "ended" and "record"
+            assert r["prompt"] == r["world"]["prompt"] == W.prompt_text(r["world"])
+            assert W.split_of(r["world"]["task"], r["world"]["args"]) == split
+        if split != "train":
+            assert len({r["prompt"] for r in rows}) == len(rows)  # every held-out text distinct
+    # comparisons as reward.py writes them: labelled demonstrator answers, with "ended" and "world"
     rng, comps = random.Random(7), []
     for row in read_prompts(path / "prompts_label.jsonl"):
-        answers = [W.demonstrate(row["record"], rng) for _ in range(4)]
-        kept, ranking = W.label(row["record"], [a[0] for a in answers], [a[1] for a in answers],
+        answers = [W.demonstrate(row["world"], rng) for _ in range(4)]
+        kept, ranking = W.label(row["world"], [a[0] for a in answers], [a[1] for a in answers],
                                 rng.choice(W.load_labelers(path)["labelers"]), rng)
         if len(kept) >= 2:
             comps.append({"prompt": row["prompt"], "responses": [answers[j][0] for j in kept], "ranking": ranking,
-                          "ended": [answers[j][1] for j in kept], "record": row["record"]})
+                          "ended": [answers[j][1] for j in kept], "world": row["world"]})
     write_jsonl(tmp_path / "comparisons.jsonl", comps)
     assert len(read_comparisons(tmp_path / "comparisons.jsonl")) == len(comps) > 10
+
+
+def test_no_test_content_in_any_training_file(tmp_path):
+    """The generated files themselves: no dev or test prompt's content (topic, QA content key) occurs in
+    the demonstrations, the labelling prompts or the PPO prompts, and no demonstration answers with a
+    held-out topic's advice (the demonstrator's "wrong topic" flaw picks a training topic)."""
+    build_small(tmp_path, n_sft=2000, n_label=500, n_ppo=500, n_dev=200, n_test=400)
+    rows = {n: [r["world"] for r in read_prompts(tmp_path / f"prompts_{n}.jsonl")] for n in ("label", "ppo", "dev", "test")}
+    demos = read_sft(tmp_path / "sft_train.jsonl") + read_sft(tmp_path / "sft_val.jsonl")
+    train = {content(r) for r in rows["label"] + rows["ppo"] + [d["world"] for d in demos]} - {None}
+    held = {s: {content(r) for r in rows[s]} for s in ("dev", "test")}
+    assert len(held["test"]) > 200 and train.isdisjoint(held["test"]) and train.isdisjoint(held["dev"])
+    assert held["dev"].isdisjoint(held["test"])
+    assert not any(r["task"] == "greet" for r in rows["test"] + rows["dev"])
+    held_advice = {a for task in ("howto", "lookalike") for i in W.TOPIC_SPLIT[task]["test"] + W.TOPIC_SPLIT[task]["dev"]
+                   for a in W.FREE_TEXT[task][i][1:]}
+    assert not [d["response"] for d in demos if any(a in d["response"] for a in held_advice)]
 
 
 def test_stock_phrases_are_found_after_a_bare_answer():

@@ -1,0 +1,130 @@
+"""The whole pipeline for several end-to-end seeds, then a seed table: the project's reported result.
+
+    python seeds.py                          # seeds 1, 2, 3: runs/seeds/seed_<s>/, then docs/results/
+    python seeds.py --seeds=1,2,3,4,5        # more seeds
+    python seeds.py --run=false              # only rebuild the table from the runs already there
+
+Every stage's seed changes with the seed (initialisation, data order, sampling, labelling, rollouts,
+evaluation samples); the world (data/world/) stays fixed. A number measured once is one draw: floating
+point differs between machines and the difference grows through the stages, so the headline is the
+median over seeds with its range, and each seed's own confidence intervals (bootstrap over test
+prompts) are listed beside it.
+
+Writes docs/results/seeds.json (every seed's results.json and the summary), docs/results/seeds.md (the
+table) and rewrites the results block of README.md between its markers, so that every figure there
+comes from these files.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import pipeline
+from common import parse_config, print_config, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- results:begin (written by seeds.py) -->", "<!-- results:end -->"
+
+# (results.json key, label, digits); the headline numbers of the table
+HEADLINE = [("sft_pass", "SFT pass rate (sampled)", 3), ("sft_pass_greedy", "SFT pass rate (greedy)", 3),
+            ("ppo_pass", "PPO pass rate (sampled)", 3), ("ppo_pass_greedy", "PPO pass rate (greedy)", 3),
+            ("ppo_gain", "PPO - SFT pass rate (sampled)", 3), ("ppo_gain_greedy", "PPO - SFT pass rate (greedy)", 3),
+            ("ppo_win_rate", "PPO win rate vs SFT", 3), ("ppo_kl", "PPO KL to SFT (nats)", 2),
+            ("oracle_pass", "oracle pass rate (sampled)", 3), ("oracle_gain", "oracle - SFT pass rate (sampled)", 3),
+            ("oracle_share", "share of the oracle's gold gain PPO recovers", 2),
+            ("bon_rm_pass", "best-of-n by the RM, pass rate", 3), ("bon_gold_pass", "best-of-n by gold, pass rate", 3),
+            ("rm_acc_labels", "RM accuracy vs labelers", 3), ("rm_acc_gold", "RM accuracy vs gold", 3),
+            ("rm_expected_agreement", "two labelers' expected agreement", 3),
+            ("total_seconds", "pipeline wall time (s)", 0)]
+
+
+@dataclass
+class Config:
+    seeds: str = "1,2,3"  # comma-separated end-to-end seeds
+    runs: str = os.path.join(HERE, "runs", "seeds")  # runs/seeds/seed_<s>/ per seed
+    out: str = os.path.join(HERE, "docs", "results")  # seeds.json and seeds.md
+    readme: str = os.path.join(HERE, "README.md")  # its results block is rewritten ("" = leave README alone)
+    run: bool = True  # run the pipeline for seeds whose results.json is missing (false: only aggregate)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+def summarize_seeds(per_seed):
+    """{key: {"median", "min", "max", "values"}} over seeds for every headline key they all have."""
+    out = {}
+    for key, _, _ in HEADLINE:
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        if len(values) == len(per_seed) and values:
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+    return out
+
+
+def markdown(per_seed, summary, machine):
+    seeds = [r["seed"] for r in per_seed]
+    r0 = per_seed[0]
+    lines = [f"Median over {len(seeds)} end-to-end seeds ({', '.join(map(str, seeds))}) of `python pipeline.py "
+             f"--seed=S`, on the **{r0['split']}** set ({r0['n_prompts']} prompts of held-out content, "
+             f"{r0['samples_per_prompt']} sampled answers each plus one greedy), {machine}. "
+             "Regenerate with `python seeds.py`.", "",
+             "| quantity | median | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|---|" + "---|" * len(seeds)]
+    for key, label, digits in HEADLINE:
+        if key not in summary:
+            continue
+        s = summary[key]
+        lines.append(f"| {label} | **{s['median']:.{digits}f}** | {s['min']:.{digits}f} | {s['max']:.{digits}f} | "
+                     + " | ".join(f"{v:.{digits}f}" for v in s["values"]) + " |")
+    lines += ["", "Each seed's 95% confidence intervals (bootstrap over test prompts, all samples of a prompt together):", "",
+              "| seed | PPO - SFT pass (sampled) | PPO - SFT pass (greedy) | PPO win rate vs SFT |", "|---|---|---|---|"]
+    for r in per_seed:
+        c = lambda k: f"[{r[k][0]:+.3f}, {r[k][1]:+.3f}]" if r.get(k) else "n/a"
+        lines.append(f"| {r['seed']} | {r['ppo_gain']:+.3f} {c('ppo_gain_ci95')} | {r['ppo_gain_greedy']:+.3f} "
+                     f"{c('ppo_gain_greedy_ci95')} | {r['ppo_win_rate']:.3f} [{r['ppo_win_rate_ci95'][0]:.3f}, "
+                     f"{r['ppo_win_rate_ci95'][1]:.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path, block):
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {path} has no results block ({BEGIN} ... {END}) to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
+def main():
+    cfg = parse_config(Config)
+    print_config(cfg)
+    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SystemExit("error: option --seeds: give at least one seed, e.g. --seeds=1,2,3")
+    per_seed = []
+    for s in seeds:
+        run_dir = os.path.join(cfg.runs, f"seed_{s}")
+        path = os.path.join(run_dir, "results.json")
+        if cfg.run and not os.path.exists(path):
+            t0 = time.time()
+            pipeline.main([f"--runs={run_dir}", f"--seed={s}", f"--threads={cfg.threads}"])
+            print(f"seed {s}: pipeline done in {time.time() - t0:.0f}s")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} does not exist (run with --run=true)")
+        per_seed.append(json.load(open(path)))
+    summary = summarize_seeds(per_seed)
+    import torch
+    machine = (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
+               f"{cfg.threads or torch.get_num_threads()} threads")
+    os.makedirs(cfg.out, exist_ok=True)
+    write_json(os.path.join(cfg.out, "seeds.json"), {"machine": machine, "seeds": per_seed, "summary": summary})
+    block = markdown(per_seed, summary, machine)
+    with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+        f.write(block)
+    if cfg.readme:
+        update_readme(cfg.readme, block)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
