@@ -121,8 +121,19 @@ class RewardModel(nn.Module):
     def values(self, idx, attention_mask):
         return self.head(self.gpt.hidden_states(idx, attention_mask)).squeeze(-1)  # (B, T)
 
-    def forward(self, idx, attention_mask):
-        return last_token_score(self.values(idx, attention_mask), attention_mask)  # (B,)
+    def forward(self, idx, attention_mask, answers=None):
+        """Score at the last real token of each row of idx (B, T). With answers = (owner, ids, mask) from
+        pack_answers, idx holds each PROMPT once and the scores are those of the answers (S,): every answer
+        attends to its prompt's keys and values, computed once for all its K answers (the same numbers
+        as scoring each prompt + answer on its own, for a fraction of the compute)."""
+        if answers is None:
+            return last_token_score(self.values(idx, attention_mask), attention_mask)  # (B,)
+        owner, ids, mask = answers
+        _, past, _ = self.gpt._run(idx, attention_mask)  # the prompts' keys and values, (B, H, P, D) per layer
+        past = [(k[owner], v[owner]) for k, v in past]  # (S, H, P, D): each answer reads its own prompt's
+        full = torch.cat([attention_mask[owner], mask], 1)  # (S, P + N)
+        h = self.gpt._run(ids, full, past)[0]  # (S, N, C)
+        return last_token_score(self.head(h).squeeze(-1), mask)  # (S,)
 
 
 class RewardEnsemble(nn.Module):
@@ -141,11 +152,11 @@ class RewardEnsemble(nn.Module):
     def values(self, idx, attention_mask):
         return torch.stack([m.values(idx, attention_mask) for m in self.members]).mean(0)
 
-    def member_scores(self, idx, attention_mask):
-        return torch.stack([m(idx, attention_mask) for m in self.members])  # (E, B)
+    def member_scores(self, idx, attention_mask, answers=None):
+        return torch.stack([m(idx, attention_mask, answers) for m in self.members])  # (E, B)
 
-    def forward(self, idx, attention_mask):
-        return self.member_scores(idx, attention_mask).mean(0)
+    def forward(self, idx, attention_mask, answers=None):
+        return self.member_scores(idx, attention_mask, answers).mean(0)
 
 
 def encode_answers(tok, prompt, responses, endeds, block_size):
@@ -156,6 +167,30 @@ def encode_answers(tok, prompt, responses, endeds, block_size):
         ids = prompt_ids + tok.render_chat(prompt, r)[1][:None if e else -1]
         seqs.append(ids[-block_size:])
     return seqs
+
+
+def pack_answers(tok, prompts, responses, endeds, block_size):
+    """Comparisons packed for RewardModel.forward(..., answers=...): prompts[i] with its K_i answers
+    responses[i] (texts) and endeds[i]. The prompt part is the chat prompt without its final <|assistant|>
+    token, which starts every answer part instead (so no answer part is empty). Returns (prompt ids
+    (B, P), prompt mask, (owner (S,), answer ids (S, N), answer mask)) with S = sum K_i answers, answers
+    right-padded; None when a prompt + answer would not fit in block_size (score them unpacked then)."""
+    prompt_ids, owner, answers = [], [], []
+    for i, (p, rs, es) in enumerate(zip(prompts, responses, endeds)):
+        ids = tok.render_chat(p)[0]
+        prompt_ids.append(ids[:-1])
+        for r, e in zip(rs, es):
+            answers.append(ids[-1:] + tok.render_chat(p, r)[1][:None if e else -1])
+            owner.append(i)
+            if len(ids) + len(answers[-1]) - 1 > block_size:
+                return None
+    pids, pmask = left_pad(prompt_ids, tok.pad_id)
+    N = max(len(a) for a in answers)
+    aids = torch.full((len(answers), N), tok.pad_id, dtype=torch.long)
+    amask = torch.zeros((len(answers), N), dtype=torch.long)
+    for j, a in enumerate(answers):
+        aids[j, :len(a)], amask[j, :len(a)] = torch.tensor(a, dtype=torch.long), 1
+    return pids, pmask, (torch.tensor(owner), aids, amask)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ from common import (all_reduce_sum, config_dict, ddp_barrier, ddp_cleanup, ddp_s
 from data import world as W
 from data.formats import read_comparisons, read_prompts, read_sft, write_jsonl
 from engine import (RewardEnsemble, RewardModel, encode_answers, generate_answers, left_pad, load_model,
-                    score_texts)
+                    pack_answers, score_texts)
 from evaluate import evaluate_best_of_n
 from tokenizer import get_tokenizer
 
@@ -110,16 +110,21 @@ def collect_comparisons(policy, tok, rows, cfg, device, labelers, bias):
 
 
 def batch_loss(rm, tok, comps, device):
-    """All answers of all prompts in one forward; the loss is the mean over prompts of eq. 1."""
-    seqs, spans = [], []
+    """All answers of all prompts in one forward, each prompt computed once for its K answers (detail 3:
+    each answer forwarded once); the loss is the mean over prompts of eq. 1."""
     block_size = getattr(rm, "module", rm).gpt.config.block_size  # rm may be wrapped in DDP
-    for c in comps:
-        s = encode_answers(tok, c["prompt"], c["responses"], c.get("ended") or [True] * len(c["responses"]),
-                           block_size)
-        spans.append((len(seqs), len(seqs) + len(s)))
-        seqs += s
-    ids, mask = left_pad(seqs, tok.pad_id)
-    scores = rm(ids.to(device), mask.to(device)).float()  # (sum of K,)
+    endeds = [c.get("ended") or [True] * len(c["responses"]) for c in comps]
+    packed = pack_answers(tok, [c["prompt"] for c in comps], [c["responses"] for c in comps], endeds, block_size)
+    ks = [len(c["responses"]) for c in comps]
+    spans = [(sum(ks[:i]), sum(ks[:i + 1])) for i in range(len(ks))]
+    if packed is not None:
+        pids, pmask, (owner, aids, amask) = packed
+        scores = rm(pids.to(device), pmask.to(device), (owner.to(device), aids.to(device), amask.to(device)))
+    else:  # a sequence longer than the context: every answer with its (cropped) prompt on its own
+        seqs = [s for c, e in zip(comps, endeds) for s in encode_answers(tok, c["prompt"], c["responses"], e, block_size)]
+        ids, mask = left_pad(seqs, tok.pad_id)
+        scores = rm(ids.to(device), mask.to(device))
+    scores = scores.float()  # (sum of K,)
     losses, accs, margins = zip(*[bradley_terry_loss(scores[a:b], c["ranking"]) for (a, b), c in zip(spans, comps)])
     return torch.stack(losses), torch.stack(accs), torch.stack(margins), scores, spans
 

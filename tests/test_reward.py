@@ -15,10 +15,11 @@ from model import GPT, GPTConfig
 import reward
 import common
 from common import read_jsonl
-from engine import RewardEnsemble, RewardModel, last_token_index, load_reward_model, score_texts
+from engine import (RewardEnsemble, RewardModel, encode_answers, last_token_index, load_reward_model,
+                    pack_answers, score_texts)
 from evaluate import best_of_n
 from reward import batch_loss, bradley_terry_loss
-from tokenizer import get_tokenizer
+from tokenizer import EMBEDDED_PATH, get_tokenizer
 
 
 # ----------------------------------------------------------------------------- the loss by hand
@@ -92,6 +93,26 @@ def test_padding_amount_and_side_never_change_a_score():
     values = rm.values(seq[None], torch.ones(1, 6, dtype=torch.long))
     torch.testing.assert_close(alone, values[:, -1])
     assert (values[0, :-1] - values[0, -1]).abs().max() > 1e-4  # so a mean or another position would differ
+
+
+@torch.no_grad()
+def test_prompt_computed_once_gives_the_scores_of_each_answer_alone():
+    """pack_answers + RewardModel.forward(..., answers=...): each prompt forwarded once, its keys and
+    values shared by its K answers, equals scoring every prompt + answer on its own (encode_answers);
+    also for an ensemble, an empty answer that never ended, and prompts of different lengths."""
+    tok = get_tokenizer(EMBEDDED_PATH if os.path.exists(EMBEDDED_PATH) else "embedded")
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=16))).eval()
+    prompts = ["what is 3 plus 4?", "how do i boil an egg? answer in at most 7 words."]
+    responses = [["7", "the answer is 7.", ""], ["boil it for ten minutes.", "sure! boil it."]]
+    endeds = [[True, True, False], [False, True]]
+    pids, pmask, answers = pack_answers(tok, prompts, responses, endeds, 64)
+    for model in (rm, RewardEnsemble([rm, RewardModel(GPT(rm.gpt.config))])):
+        packed = model(pids, pmask, answers)
+        alone = torch.cat([model(ids, torch.ones_like(ids)) for p, rs, es in zip(prompts, responses, endeds)
+                           for ids in (torch.tensor([s]) for s in encode_answers(tok, p, rs, es, 64))])
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    assert pack_answers(tok, prompts, responses, endeds, 20) is None  # too long for the context: no packing
 
 
 # ----------------------------------------------------------------------------- best-of-n by hand
