@@ -14,7 +14,8 @@
    reference) and a win rate are paired by prompt.
 4. Win rate: each prompt's answers are paired sample by sample; ties count half.
 5. KL to the reference: the mean over sampled answers of sum_t log pi(y_t) - log pi_ref(y_t), an
-   unbiased estimate of KL(pi || pi_ref) per answer.
+   unbiased estimate of KL(pi || pi_ref) per answer (`answer_kls` gives each answer's term; chat.py
+   shows it per answer).
 6. Per-family tables give the number of distinct prompts beside each rate.
 """
 import importlib
@@ -157,19 +158,26 @@ def evaluate_best_of_n(policy, rm, tok, rows, n_max, temperature, max_new_tokens
 
 
 @torch.no_grad()
+def answer_kls(policy, ref, pad_id, prompt_ids, answer_ids, temperature, device, batch_size=128):
+    """sum_t log pi(y_t) - log pi_ref(y_t) of each answer (token ids, its <|end|> included) after its
+    prompt (token ids), logits divided by the sampling temperature: one KL sample per answer."""
+    kls = []
+    for b in range(0, len(prompt_ids), batch_size):
+        seq, mask, P, resp, rmask = pack(prompt_ids[b:b + batch_size], answer_ids[b:b + batch_size], pad_id)
+        seq, mask, resp, rmask = seq.to(device), mask.to(device), resp.to(device), rmask.to(device)
+        lp = token_logprobs(policy(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
+        rlp = token_logprobs(ref(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
+        kls += ((lp - rlp) * rmask).sum(1).tolist()  # (B,)
+    return kls
+
+
 def sequence_kl(policy, ref, tok, prompts, answers, temperature, device, batch_size=128):
     """Mean over answers of sum_t log pi(y_t) - log pi_ref(y_t): the KL to the reference, estimated on
     samples of pi. answers[i] = the list of sampled answers (with their "ids") to prompts[i]."""
     items = [(tok.render_chat(p)[0], a["ids"]) for p, ans in zip(prompts, answers) for a in ans]
-    total = 0.0
-    for b in range(0, len(items), batch_size):
-        chunk = items[b:b + batch_size]
-        seq, mask, P, resp, rmask = pack([p for p, _ in chunk], [a for _, a in chunk], tok.pad_id)
-        seq, mask, resp, rmask = seq.to(device), mask.to(device), resp.to(device), rmask.to(device)
-        lp = token_logprobs(policy(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
-        rlp = token_logprobs(ref(seq, attention_mask=mask)[0][:, P - 1:-1], resp, temperature)
-        total += ((lp - rlp) * rmask).sum().item()
-    return total / len(items)
+    kls = answer_kls(policy, ref, tok.pad_id, [p for p, _ in items], [a for _, a in items], temperature, device,
+                     batch_size)
+    return sum(kls) / len(kls)
 
 
 def gain(scores_new, scores_ref, seed=0):
