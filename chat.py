@@ -21,17 +21,20 @@ Type a prompt and press Enter; an empty line, /quit or Ctrl-D exits.
    The final text is tok.decode_response of the generated ids, exactly what the reward model scores.
 4. With --reward_model, each answer gets `[reward +0.42]`: reward.score_texts on (prompt, answer,
    ended), where ended = whether <|end|> was produced (an unfinished answer is scored without it).
-5. A prompt longer than block_size - max_new_tokens is cropped from the left, with a note.
+5. A prompt longer than block_size - max_new_tokens loses the start of its text, with a note; the chat
+   markers stay. Options are checked at start (temperature >= 0, top_k >= 0, 0 < top_p <= 1, room in
+   the context for max_new_tokens and a prompt, a reward model of the policy's tokenizer).
 Simplifications: no multi-turn history, no system prompt, batch size 1.
 """
 import os
 import sys
 from contextlib import redirect_stdout
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from common import parse_config, pick_device, print_config
+from common import above, at_least, at_most, pick_device, print_config, run_command
 from engine import load_policy, load_reward_model, score_texts
 from model import sample_next_token
 from tokenizer import get_tokenizer
@@ -42,15 +45,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class Config:
     checkpoint: str = os.path.join(HERE, "runs", "ppo", "ckpt.pt")  # policy ckpt, GPT-2 name or HF folder
-    temperature: float = 0.7  # sampling temperature (ignored with --greedy)
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
-    top_p: float = 1.0  # nucleus sampling, Holtzman et al. 2019 (1.0 = off)
+    temperature: Annotated[float, at_least(0)] = 0.7  # sampling temperature (0 = greedy; ignored with --greedy)
+    top_k: Annotated[int, at_least(0)] = 0  # keep only the k most likely tokens (0 = off)
+    top_p: Annotated[float, above(0), at_most(1)] = 1.0  # nucleus sampling, Holtzman et al. 2019 (1.0 = off)
     greedy: bool = False  # argmax decoding: the same answer every time
-    max_new_tokens: int = 64  # longest answer, in tokens
+    max_new_tokens: Annotated[int, at_least(1)] = 64  # longest answer, in tokens
     reward_model: str = ""  # reward.py checkpoint to score each answer ("" = none)
     prompt: str = ""  # one-shot mode: answer this prompt, print only the answer, exit
     seed: int = 0  # seed of the sampling generator
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
 
 @torch.no_grad()
@@ -77,11 +80,12 @@ def visible_text(tok, ids):
 
 
 def fit_prompt(prompt_ids, block_size, max_new_tokens):
-    """Crop the prompt from the left so prompt + answer fit in the context; None if nothing fits."""
+    """Crop the prompt's text from the left so prompt + answer fit in the context, keeping its first token
+    (<|user|>) and its last (<|assistant|>); None if not even one token of its text would fit."""
     room = block_size - max_new_tokens
-    if room < 1:
-        return None
-    return prompt_ids[-room:]
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    return prompt_ids[:1] + prompt_ids[len(prompt_ids) - room + 1:] if room >= 3 else None
 
 
 def load_chat_model(path, device):
@@ -93,11 +97,12 @@ def load_chat_model(path, device):
     return model.to(device).eval(), tok
 
 
-def load_scorer(path, tok, device):
-    rm, ckpt = load_reward_model(path, device)
-    if ckpt.get("tokenizer", "embedded") != tok.name:
-        raise SystemExit(f"error: reward model {path!r} uses tokenizer {ckpt.get('tokenizer')!r}, "
-                         f"the policy uses {tok.name!r}")
+def load_scorer(path, tok, cfg, device):
+    """The reward model of --reward_model: of the policy's tokenizer, with room for an answer and its prompt."""
+    rm, _ = load_reward_model(path, device, tok)
+    if cfg.max_new_tokens + 3 > rm.gpt.config.block_size:  # answer + <|user|>, a prompt token, <|assistant|>
+        raise SystemExit(f"error: option --max_new_tokens={cfg.max_new_tokens}: must be at most "
+                         f"{rm.gpt.config.block_size - 3} to score answers with the reward model {path!r}")
     return rm
 
 
@@ -110,8 +115,8 @@ def answer(model, tok, prompt, cfg, dev, generator, stream=None):
         raise SystemExit(f"error: --max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in "
                          f"the model's context of {block_size} tokens")
     if len(prompt_ids) < len(full):
-        print(f"(note: prompt of {len(full)} tokens cropped to its last {len(prompt_ids)}: the context holds "
-              f"{block_size} tokens and {cfg.max_new_tokens} are kept for the answer)", file=sys.stderr)
+        print(f"(note: prompt of {len(full)} tokens cropped to {len(prompt_ids)}, the start of its text dropped: the "
+              f"context holds {block_size} tokens and {cfg.max_new_tokens} are kept for the answer)", file=sys.stderr)
     ids, shown = [], ""
     with dev.autocast():
         for t in stream_tokens(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
@@ -134,15 +139,17 @@ def reward_line(rm, tok, prompt, text, ended, device):
     return f"[reward {r:+.2f}{'' if ended else ', no <|end|>'}]"
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
     one_shot = bool(cfg.prompt)
     with redirect_stdout(sys.stderr if one_shot else sys.stdout):  # one-shot stdout = the answer only
         if not one_shot:
             print_config(cfg)
         dev = pick_device(cfg.device)
         model, tok = load_chat_model(cfg.checkpoint, dev.device)
-        rm = load_scorer(cfg.reward_model, tok, dev.device) if cfg.reward_model else None
+        if cfg.max_new_tokens + 3 > model.config.block_size:  # <|user|>, a token of the prompt, <|assistant|>
+            raise SystemExit(f"error: option --max_new_tokens={cfg.max_new_tokens}: must be at most "
+                             f"{model.config.block_size - 3} (the model's context is {model.config.block_size})")
+        rm = load_scorer(cfg.reward_model, tok, cfg, dev.device) if cfg.reward_model else None
     generator = torch.Generator(device=dev.device).manual_seed(cfg.seed)
     if one_shot:
         text, ended, _ = answer(model, tok, cfg.prompt, cfg, dev, generator)
@@ -178,4 +185,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)
