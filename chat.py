@@ -26,6 +26,7 @@ Type a prompt and press Enter; an empty line, /quit or Ctrl-D exits.
    the context for max_new_tokens and a prompt, a reward model of the policy's tokenizer).
 Simplifications: no multi-turn history, no system prompt, batch size 1.
 """
+import io
 import os
 import sys
 from contextlib import redirect_stdout
@@ -141,7 +142,8 @@ def reward_line(rm, tok, prompt, text, ended, device):
 
 def main(cfg):
     one_shot = bool(cfg.prompt)
-    with redirect_stdout(sys.stderr if one_shot else sys.stdout):  # one-shot stdout = the answer only
+    # one-shot: stdout is the answer only, stderr only errors and notes (scripts read both)
+    with redirect_stdout(io.StringIO() if one_shot else sys.stdout):
         if not one_shot:
             print_config(cfg)
         dev = pick_device(cfg.device)
