@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import parse_config, print_config, pyplot, write_json
+from common import print_config, pyplot, run_command, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ["world", "pretrain", "sft", "reward", "ppo", "oracle"]
@@ -167,8 +167,7 @@ def write_report(cfg, times):
     return text
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
     print_config(cfg)
     if cfg.from_stage and cfg.from_stage not in STAGES:
         raise SystemExit(f"error: --from_stage={cfg.from_stage!r}: expected one of {', '.join(STAGES)}")
@@ -192,4 +191,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)
