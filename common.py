@@ -195,8 +195,15 @@ class Metrics:
             os.remove(self.path)
             return
         key, last = resumed
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get(key, 0) <= last]
+            for line in filter(str.strip, f):
+                try:
+                    if json.loads(line).get(key, 0) > last:
+                        break
+                except json.JSONDecodeError:  # a row cut short by a kill: the last line, after the checkpoint
+                    break
+                keep.append(line)
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
@@ -317,7 +324,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def checkpoint_stage(ckpt):
-    """The stage that wrote a checkpoint: its "stage" key, or, in older checkpoints, the keys only that stage writes."""
+    """The stage that wrote a checkpoint: its "stage" key, or in older checkpoints the keys only it writes."""
     if "stage" in ckpt:
         return ckpt["stage"]
     return ("reward" if "reward_model" in ckpt else "ppo" if "critic" in ckpt else "pretrain" if "data_rng" in ckpt

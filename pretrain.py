@@ -19,6 +19,9 @@ Implementation details:
    gradients), so N processes follow the single-process run on the same global batch.
 5. summary.json compares the final validation loss with the corpus's unigram entropy: a model that
    learned nothing but word frequencies would sit at that entropy.
+6. Options and the corpus (read by data/formats.read_corpus; too short for one window of each split
+   is an error) are checked before anything is written. `--resume` refuses another stage's
+   checkpoint; a finished run continues only to a larger --max_steps.
 """
 import os
 import time
@@ -84,7 +87,7 @@ def check(cfg, world):
                                                        f"Hugging Face GPT-2 folder")
 
 
-def tokenize_corpus(corpus_path, tok, out_dir, val_fraction, block_size):
+def tokenize_corpus(corpus_path, tok, out_dir, val_fraction, block_size=0):
     """Tokenise once into uint16 train.bin / val.bin (cached in out_dir/tokens). A corpus too short for
     one window of block_size + 1 tokens in each split is an error, before the cache is written."""
     tok_dir = os.path.join(out_dir, "tokens")

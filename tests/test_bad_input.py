@@ -388,6 +388,8 @@ def test_metrics_rows_are_valid_json_and_resume_drops_rows_after_the_checkpoint(
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in lines][1] == \
         {"step": 2, "loss": None, "grad": None}
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a row cut short by a kill
     common.Metrics(str(tmp_path), resumed=("step", 2))  # a --resume from the checkpoint of step 2
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
     common.Metrics(str(tmp_path))  # a fresh run
