@@ -65,6 +65,16 @@ def below(hi):
     return Rule(lambda v, world: v < hi, f"below {hi}")
 
 
+def folder():
+    """A folder to write into: an existing folder, or a path where one can be made (not below a file)."""
+    def holds(path, world):
+        path = os.path.abspath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return os.path.isdir(path)
+    return Rule(holds, "a folder, or a path where one can be made (this names a file)")
+
+
 def one_of(*choices):
     return Rule(lambda v, world: v in choices, f"one of {' | '.join(choices)}")
 

@@ -202,11 +202,19 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt
 
 
+def load_gpt2(name_or_path):
+    """GPT.from_pretrained, with a folder that is not a GPT-2 checkpoint or a failed download as a one-line error."""
+    try:
+        return GPT.from_pretrained(name_or_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot load GPT-2 weights {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_policy(init_from, device="cpu"):
     """(model, tokenizer name) from GPT-2 weights (a name such as gpt2, or a Hugging Face folder) or
     from one of our checkpoints."""
     if init_from in HF_GPT2_NAMES or os.path.isdir(init_from):
-        return GPT.from_pretrained(init_from).to(device), "gpt2"
+        return load_gpt2(init_from).to(device), "gpt2"
     model, ckpt = load_model(init_from, device)
     return model, ckpt.get("tokenizer", "embedded")
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from common import (above, all_gather_object, at_least, at_most, check_config, config_dict, ddp_cleanup, ddp_setup,
-                    ddp_wrap, get_batch, load_state, one_of, open_run, option_error, per_rank, pick_device,
+                    ddp_wrap, folder, get_batch, load_state, one_of, open_run, option_error, per_rank, pick_device,
                     plot_metrics, read_jsonl, reduce_stats, resume_checkpoint, rng_state, run_command, save_checkpoint,
                     set_rng_state, set_seed, write_json)
 from data.formats import read_prompts
@@ -82,7 +82,7 @@ class Config:
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
     eval_prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts ("" = skip eval)
     pretrain_tokens: str = os.path.join(RUNS, "pretrain", "tokens")  # train.bin/val.bin for PPO-ptx
-    out_dir: str = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
     iterations: Annotated[int, at_least(1)] = 100  # rollout + update cycles
     rollout_batch: Annotated[int, at_least(1), per_rank()] = 64  # prompts per rollout (global across ranks)
     minibatch: Annotated[int, at_least(1)] = 16  # answers per gradient step

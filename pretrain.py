@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from common import (all_reduce_mean, at_least, below, check_config, config_dict, ddp_cleanup, ddp_setup, ddp_wrap,
-                    get_batch, load_state, lr_at, make_optimizer, open_run, option_error, pick_device, plot_metrics,
-                    rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr, set_rng_state,
-                    set_seed, write_json)
+                    folder, get_batch, load_state, lr_at, make_optimizer, open_run, option_error, pick_device,
+                    plot_metrics, rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
+                    set_rng_state, set_seed, write_json)
 from data.formats import read_corpus
+from engine import load_gpt2
 from model import GPT, HF_GPT2_NAMES, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -47,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Config:
     corpus: str = os.path.join(HERE, "data", "world", "corpus.txt")  # plain-text corpus
     tokenizer: str = "embedded"  # embedded | gpt2 | path to a .tiktoken file
-    out_dir: str = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | a local HF GPT-2 folder
     n_layer: Annotated[int, at_least(1)] = 4  # model shape when init_from=scratch
     n_head: Annotated[int, at_least(1)] = 4  # attention heads per block (n_embd must divide by it)
@@ -138,7 +139,7 @@ def build_model(cfg, tok):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    model = GPT.from_pretrained(cfg.init_from)
+    model = load_gpt2(cfg.init_from)
     if model.config.vocab_size < tok.n_vocab:
         model.resize_vocab(tok.n_vocab)  # room for the chat special tokens
     return model

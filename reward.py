@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (above, all_reduce_sum, at_least, below, check_config, config_dict, ddp_barrier, ddp_cleanup,
-                    ddp_setup, ddp_wrap, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device,
+                    ddp_setup, ddp_wrap, folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device,
                     plot_calibration, plot_metrics, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
                     set_rng_state, set_seed, write_json)
 from data import world as W
@@ -70,7 +70,7 @@ class Config:
     demonstrations: str = os.path.join(WORLD, "sft_train.jsonl")  # the RM is biased so these score 0
     eval_prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts for best-of-n
     world_dir: str = WORLD  # labelers.json (the calibrated labeler pool)
-    out_dir: str = os.path.join(HERE, "runs", "reward")  # comparisons, checkpoint, metrics, summary, plots
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "reward")  # comparisons, checkpoint, metrics, plots
     k: Annotated[int, at_least(2)] = 8  # answers sampled per labelling prompt (InstructGPT: 4 to 9)
     temperature: Annotated[float, above(0)] = 1.0  # sampling temperature for the answers to be labelled
     max_new_tokens: Annotated[int, at_least(1)] = 48  # longest sampled answer, in tokens
@@ -169,10 +169,7 @@ def get_comparisons(policy, tok, cfg, run):
             ddp_barrier()
         return read_comparisons(cfg.comparisons or comps_path, lambda c: answers_too_long(
             tok, c["prompt"], c["responses"], c.get("ended"), block), at_least=2), {}  # to train on and to hold out
-    if not os.path.isfile(os.path.join(cfg.world_dir, "labelers.json")):
-        raise SystemExit(f"error: --world_dir={cfg.world_dir} has no labelers.json (build the embedded world with "
-                         f"`python -m data.world`, or pass --comparisons)")
-    labelers = W.load_labelers(cfg.world_dir)
+    labelers = W.load_labelers(cfg.world_dir)  # a missing or unreadable labelers.json: InputError
     bias = labelers["bias"] if cfg.labeler_bias < 0 else cfg.labeler_bias
     rows = [r for r in read_prompts(cfg.label_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens,
                                                                                   block)) if r.get("record")]

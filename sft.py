@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (all_reduce_sum, at_least, below, check_config, config_dict, ddp_cleanup, ddp_setup, ddp_wrap,
-                    load_state, lr_at, make_optimizer, open_run, per_rank, pick_device, plot_metrics, rank0_first,
-                    resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr, set_rng_state, set_seed,
-                    write_json)
+                    folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device, plot_metrics,
+                    rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr, set_rng_state,
+                    set_seed, write_json)
 from data.formats import read_prompts, read_sft
 from engine import load_policy, prompt_too_long
 from evaluate import evaluate_policy
@@ -57,7 +57,7 @@ class Config:
     train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
     val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss ("" = none)
     prompts: str = os.path.join(WORLD, "prompts_eval.jsonl")  # held-out prompts with gold records ("" = skip)
-    out_dir: str = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
     epochs: Annotated[int, at_least(1)] = 3  # passes over the demonstrations
     batch_size: Annotated[int, at_least(1), per_rank()] = 32  # demonstrations per optimizer step (global)
     lr: Annotated[float, at_least(0)] = 5e-4  # peak learning rate
