@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import parse_config, pick_device, print_config
+from common import pick_device, print_config, run_command
 from model import GPT, PRESETS
 
 
@@ -113,8 +113,7 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
     print_config(cfg)
     if cfg.config not in PRESETS:
         raise SystemExit(f"error: --config={cfg.config!r}: expected one of {', '.join(PRESETS)}")
@@ -179,4 +178,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)

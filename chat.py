@@ -41,10 +41,11 @@ import sys
 import types
 from contextlib import redirect_stdout
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from common import parse_config, pick_device, print_config
+from common import above, at_least, at_most, pick_device, print_config, run_command
 from data import world
 from engine import load_model, load_policy, load_reward_model, score_texts
 from evaluate import answer_kls
@@ -64,14 +65,14 @@ class Config:
     checkpoint: str = ""  # one policy instead of --checkpoints ("" = use --checkpoints)
     reference: str = ""  # the policy the KL is measured against ("" = the first checkpoint)
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # reward.py checkpoint (used if it exists; "" = none)
-    temperature: float = 0.7  # sampling temperature (ignored with --greedy)
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
-    top_p: float = 1.0  # nucleus sampling, Holtzman et al. 2019 (1.0 = off)
+    temperature: Annotated[float, at_least(0)] = 0.7  # sampling temperature (0 = greedy; ignored with --greedy)
+    top_k: Annotated[int, at_least(0)] = 0  # keep only the k most likely tokens (0 = off)
+    top_p: Annotated[float, above(0), at_most(1)] = 1.0  # nucleus sampling, Holtzman et al. 2019 (1.0 = off)
     greedy: bool = False  # argmax decoding: the same answer every time
-    max_new_tokens: int = 64  # longest answer, in tokens
+    max_new_tokens: Annotated[int, at_least(1)] = 64  # longest answer, in tokens
     prompt: str = ""  # one-shot mode: answer this prompt, print the table (or only the answer), exit
     seed: int = 0  # seed of the sampling generator
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
 
 @torch.no_grad()
@@ -98,20 +99,12 @@ def visible_text(tok, ids):
 
 
 def fit_prompt(prompt_ids, block_size, max_new_tokens):
-    """Crop the prompt from the left so prompt + answer fit in the context; None if nothing fits."""
+    """Crop the prompt's text from the left so prompt + answer fit in the context, keeping its first token
+    (<|user|>) and its last (<|assistant|>); None if not even one token of its text would fit."""
     room = block_size - max_new_tokens
-    if room < 1:
-        return None
-    return prompt_ids[-room:]
-
-
-def check_options(cfg):
-    for bad, what in [(cfg.temperature < 0, f"--temperature={cfg.temperature} must be >= 0"),
-                      (cfg.top_k < 0, f"--top_k={cfg.top_k} must be >= 0"),
-                      (not 0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
-                      (cfg.max_new_tokens < 1, f"--max_new_tokens={cfg.max_new_tokens} must be >= 1")]:
-        if bad:
-            raise SystemExit(f"error: option {what}")
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    return prompt_ids[:1] + prompt_ids[len(prompt_ids) - room + 1:] if room >= 3 else None
 
 
 def resolve_paths(cfg, default=None):
@@ -321,9 +314,7 @@ def table(rows, with_answer):
     return ["  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip() for cell in cells] if len(cols) > 1 else []
 
 
-def main():
-    cfg = parse_config(Config)
-    check_options(cfg)
+def main(cfg):
     one_shot = bool(cfg.prompt)
     with redirect_stdout(sys.stderr if one_shot else sys.stdout):  # one-shot stdout = the table / answer only
         if not one_shot:
@@ -364,4 +355,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)

@@ -3,12 +3,19 @@
 Each stage script (pretrain.py, sft.py, reward.py, ppo.py) reads top to bottom and calls these few
 helpers so that all stages follow the same conventions:
 
-- one flat `@dataclass Config` per script, overridden by `--key=value` on the command line;
-  an unknown key or a bad value is an error that names the valid keys / the option;
+- one flat `@dataclass Config` per script, overridden by `--key=value` on the command line; each
+  field declares its valid range next to it (`Annotated[int, at_least(1)]`, `one_of("rm", "gold")`), and
+  parse_config checks every field, floats must be finite; an unknown key or a bad value is an error that
+  names the valid keys / the option and its range (`error: option --batch_size=0: must be at least 1`);
+- `run_command` is every script's `if __name__ == "__main__":`: a bad option or input file ends the
+  run with one line on stderr and exit code 2, before the run has written anything;
 - one output folder per run holding `config.json`, `metrics.jsonl` (one JSON object per logged
   step), `summary.json` (final numbers), checkpoints and PNG plots drawn from metrics.jsonl;
 - checkpoints are plain dicts written atomically (temp file + rename) and loaded with
-  `torch.load(..., weights_only=True)`;
+  `torch.load(..., weights_only=True)`; each says which stage wrote it ("stage") and whether its run
+  finished ("finished"), and `resume_checkpoint` refuses to --resume another stage's or a finished run;
+- metrics rows are written before the checkpoint that covers them; a --resume drops the rows after
+  its checkpoint, so rows are never duplicated or lost across a kill; NaN and inf are written as null;
 - one helper picks the device and dtype and says why (`pick_device`);
 - one optimizer and one learning-rate schedule for every stage (AdamW, warmup then cosine);
 - under `torchrun`, DistributedDataParallel with one process per device; rank 0 logs and saves;
@@ -22,6 +29,7 @@ import math
 import os
 import random
 import sys
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -29,8 +37,68 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.formats import InputError
+
 
 # ----------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class Rule:
+    """One condition on a Config field, declared next to it: `batch_size: Annotated[int, at_least(1)] = 32`."""
+    holds: object  # (value, world size) -> bool
+    says: str  # what a good value is, for the error line: "at least 1"
+
+
+def at_least(lo):
+    return Rule(lambda v, world: v >= lo, f"at least {lo}")
+
+
+def above(lo):
+    return Rule(lambda v, world: v > lo, f"greater than {lo}")
+
+
+def at_most(hi):
+    return Rule(lambda v, world: v <= hi, f"at most {hi}")
+
+
+def below(hi):
+    return Rule(lambda v, world: v < hi, f"below {hi}")
+
+
+def folder():
+    """A folder to write into: an existing folder, or a path where one can be made (not below a file)."""
+    def holds(path, world):
+        path = os.path.abspath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return os.path.isdir(path)
+    return Rule(holds, "a folder, or a path where one can be made (this names a file)")
+
+
+def one_of(*choices):
+    return Rule(lambda v, world: v in choices, f"one of {' | '.join(choices)}")
+
+
+def per_rank():
+    """A global batch that torchrun splits into equal shares, one per process."""
+    return Rule(lambda v, world: v % world == 0, "a multiple of the number of processes ({world})")
+
+
+def _fields(config_cls):
+    """{name: (type, [rules])} of a Config: the type and the rules of `Annotated[type, rule, ...]`."""
+    out = {}
+    for name, hint in typing.get_type_hints(config_cls, include_extras=True).items():
+        if typing.get_origin(hint) is typing.Annotated:
+            out[name] = (hint.__origin__, list(hint.__metadata__))
+        else:
+            out[name] = (hint, [])
+    return out
+
+
+def option_error(name, value, says):
+    """The one-line error for a bad option: `error: option --batch_size=0: must be at least 1`."""
+    return SystemExit(f"error: option --{name}={value}: {says}")
+
 
 def _convert(name, text, kind):
     """Turn the text of `--name=text` into a value of the field's type, or explain the problem."""
@@ -45,23 +113,33 @@ def _convert(name, text, kind):
         if kind is int:
             return int(text)
         if kind is float:
-            value = float(text)
-            if math.isnan(value):
-                raise ValueError("nan is not allowed")
-            return value
+            return float(text)  # nan and inf are refused by check_config
         return str(text)
     except ValueError as e:
         raise SystemExit(f"error: option --{name}={text!r}: {e} (expected {kind.__name__})")
 
 
+def check_config(cfg, world=1):
+    """Every field against its declared rules, defaults and overrides alike (world: the number of processes,
+    known once torchrun's are up); floats must be finite. Returns cfg."""
+    for name, (kind, rules) in _fields(type(cfg)).items():
+        value = getattr(cfg, name)
+        if kind is float and not math.isfinite(value):
+            raise option_error(name, value, "must be a finite number")
+        if not all(rule.holds(value, world) for rule in rules):
+            raise option_error(name, value, "must be " + " and ".join(r.says.format(world=world) for r in rules))
+    return cfg
+
+
 def parse_config(config_cls, argv=None):
-    """Build `config_cls` from defaults plus `--key=value` overrides (argv defaults to sys.argv[1:])."""
+    """Build `config_cls` from defaults plus `--key=value` overrides (argv defaults to sys.argv[1:]), then
+    check every field against its rules (check_config)."""
     argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    fields = _fields(config_cls)
     overrides = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            if arg.startswith("--") and arg[2:] in fields and fields[arg[2:]].type is bool:
+            if arg.startswith("--") and arg[2:] in fields and fields[arg[2:]][0] is bool:
                 overrides[arg[2:]] = True  # a bare `--flag` switches a boolean on
                 continue
             raise SystemExit(f"error: argument {arg!r} is not of the form --key=value; "
@@ -70,8 +148,25 @@ def parse_config(config_cls, argv=None):
         key = key.replace("-", "_")
         if key not in fields:
             raise SystemExit(f"error: unknown option --{key}; valid keys: {', '.join(fields)}")
-        overrides[key] = _convert(key, text, fields[key].type)
-    return config_cls(**overrides)
+        overrides[key] = _convert(key, text, fields[key][0])
+    return check_config(config_cls(**overrides))
+
+
+def run_command(main, config_cls, argv=None):
+    """What `python <script>.py --key=value ...` runs: main(parse_config(config_cls)). A bad option or input
+    (an `error: ...` SystemExit, or a reader's InputError naming the file and line) ends the run with that
+    ONE line on stderr and exit code 2, no traceback; tracebacks are left to real bugs. The stages check
+    options and read their inputs before they write anything, so such a run leaves --out_dir as it was."""
+    try:
+        main(parse_config(config_cls, argv))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def print_config(cfg):
@@ -83,29 +178,64 @@ def print_config(cfg):
 
 # ----------------------------------------------------------------------------- run folder, metrics
 
-class Metrics:
-    """Appends one JSON object per call to <out_dir>/metrics.jsonl (only on the main process)."""
+def json_safe(obj):
+    """obj with every NaN or infinity replaced by None: JSON has no such numbers (json.dumps would write
+    NaN / Infinity, which other JSON readers reject)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
-    def __init__(self, out_dir, resume=False, enabled=True):
+
+class Metrics:
+    """Appends one JSON object per call to <out_dir>/metrics.jsonl (only on the main process). A fresh run
+    starts the file anew. A --resume keeps the rows up to the checkpoint it continues, resumed = (key, value)
+    such as ("step", 40), and drops the later ones (logged after that checkpoint by a run that was then
+    killed): the resumed run logs them again, so no row is duplicated or lost."""
+
+    def __init__(self, out_dir, resumed=None, enabled=True):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.enabled = enabled
-        if enabled and not resume and os.path.exists(self.path):
+        if not enabled or not os.path.exists(self.path):
+            return
+        if resumed is None:
             os.remove(self.path)
+            return
+        key, last = resumed
+        keep = []
+        with open(self.path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    if json.loads(line).get(key, 0) > last:
+                        break
+                except json.JSONDecodeError:  # a row cut short by a kill: the last line, after the checkpoint
+                    break
+                keep.append(line)
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
 
     def log(self, **row):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(json_safe(row)) + "\n")
 
 
-def open_run(cfg, master, *notes):
+def open_run(cfg, master, *notes, resumed=None):
     """Print the resolved config and a line per note (rank 0), then open the run's metrics.jsonl: a
-    fresh one, or the one a --resume continues."""
+    fresh one, or the one a --resume continues (resumed: see Metrics). The first thing a stage writes,
+    called once its options and inputs are checked; it also removes a ckpt.pt.tmp left by a kill."""
     if master:
         print_config(cfg)
         for note in notes:
             print(note)
-    return Metrics(cfg.out_dir, resume=cfg.resume, enabled=master)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt.tmp")):
+            os.remove(os.path.join(cfg.out_dir, "ckpt.pt.tmp"))
+    return Metrics(cfg.out_dir, resumed=resumed if cfg.resume else None, enabled=master)
 
 
 def read_jsonl(path):
@@ -116,7 +246,7 @@ def read_jsonl(path):
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -181,7 +311,8 @@ def plot_calibration(calib, path, bins=10):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact (and a ckpt.pt.tmp that the
+    next save overwrites, or the next run's open_run removes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
@@ -192,10 +323,52 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist (run the stage that writes it "
                          f"first, or pass its path)")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: cannot read checkpoint {path!r}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, ...
-        raise SystemExit(f"error: cannot read checkpoint {path!r}: {e}")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: cannot read checkpoint {path!r}: {reason} (a truncated file, or not a "
+                         f"checkpoint of these scripts)")
+
+
+def checkpoint_stage(ckpt):
+    """The stage that wrote a checkpoint: its "stage" key, or in older checkpoints the keys only it writes."""
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    return ("reward" if "reward_model" in ckpt else "ppo" if "critic" in ckpt else "pretrain" if "data_rng" in ckpt
+            else "sft" if "base_eval" in ckpt else "unknown")
+
+
+def resume_checkpoint(path, stage, key, target):
+    """The checkpoint a --resume of `stage` continues, or a one-line error: it is missing, another stage wrote
+    it, or its run finished (ckpt["finished"]) with ckpt[key] >= target steps already done. A finished run
+    with a larger target (more --max_steps / --iterations) continues; target None: a finished run never does."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume: checkpoint {path!r} does not exist (nothing to resume: drop "
+                         f"--resume to start a new run, or pass the --out_dir of the run to continue)")
+    ckpt = load_checkpoint(path)
+    found = checkpoint_stage(ckpt)
+    if found != stage:
+        raise SystemExit(f"error: --resume: {path!r} is a checkpoint of {found}.py, not of {stage}.py "
+                         f"(resume a {stage} run in its own --out_dir)")
+    finished = ckpt.get("finished", stage == "reward" and "optimizer" not in ckpt)  # older reward checkpoints
+    if finished and (target is None or ckpt[key] >= target):
+        raise SystemExit(f"error: --resume: the run in {os.path.dirname(path) or '.'} has finished ({key} "
+                         f"{ckpt[key]}), there is nothing to resume; start a new run in another --out_dir")
+    return ckpt
+
+
+def load_state(module, state, path):
+    """module.load_state_dict(state) for a --resume, or a one-line error if the checkpoint at `path` holds a
+    model of another shape than the current options build."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")[:200]
+        raise SystemExit(f"error: --resume: {path!r} holds a model of another shape than these options build "
+                         f"({detail}); resume with the options of the run that wrote it") from None
 
 
 def rng_state():
@@ -235,6 +408,9 @@ def pick_device(device="auto", dtype="auto", compile=False):
     """cuda > mps > cpu; bf16 autocast only on a GPU that supports it; TF32 matmuls on CUDA;
     torch.compile only on CUDA. Prints one line saying what it chose and why."""
     why = "asked for"
+    kind, _, index = device.partition(":")
+    if device != "auto" and (kind not in ("cpu", "cuda", "mps") or index and not (kind == "cuda" and index.isdigit())):
+        raise SystemExit(f"error: option --device={device}: must be auto, cpu, cuda, cuda:N or mps")
     if device == "auto":
         device, why = (("cuda", "CUDA available") if torch.cuda.is_available() else
                        ("mps", "Apple MPS, no CUDA") if torch.backends.mps.is_available() else ("cpu", "no CUDA or MPS"))
@@ -251,7 +427,7 @@ def pick_device(device="auto", dtype="auto", compile=False):
     elif dtype in names:
         dt, dwhy = names[dtype], f"{dtype} asked for"
     else:
-        raise SystemExit(f"error: dtype {dtype!r}: expected auto, {', '.join(names)}")
+        raise SystemExit(f"error: option --dtype={dtype}: must be auto, {', '.join(names)}")
     if kind == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         torch.backends.cudnn.allow_tf32 = True

@@ -10,9 +10,13 @@ every stage pads, samples, scores and loads the same way:
    cache; an answer "ended" if it produced <|end|> within max_new_tokens.
 3. Reward models: a GPT trunk plus a scalar head read at the last real token (`RewardModel`), an
    ensemble that averages its members (`RewardEnsemble`), `score_texts` for (prompt, answer, ended)
-   triples, and the encoding they all share (`encode_answers`).
+   triples, and the encoding they all share (`encode_answers`: a sequence too long for the context
+   loses the start of the prompt's text, never the chat markers; the answer only if nothing else is left).
+   `prompt_too_long` / `answers_too_long` say which inputs cannot fit, for the readers to report at
+   load time (data/formats.py).
 4. Loading: `load_model` (a policy checkpoint of ours), `load_policy` (ours or GPT-2 weights),
-   `load_reward_model` (a reward.py checkpoint).
+   `load_reward_model` (a reward.py checkpoint; given the policy's tokenizer, it refuses a reward model
+   of another tokenizer).
 
 Shapes: B batch, P prompt length (left-padded), N answer length (right-padded), T = P + N, C channels.
 """
@@ -160,12 +164,21 @@ class RewardEnsemble(nn.Module):
 
 
 def encode_answers(tok, prompt, responses, endeds, block_size):
-    """Token ids of prompt + answer (+ <|end|> if the answer ended) for each answer."""
-    prompt_ids = tok.render_chat(prompt)[0]
+    """Token ids of prompt + answer (+ <|end|> if the answer ended) for each answer (endeds None: all ended).
+    A sequence longer than block_size loses the start of the prompt's text, keeping at least one of its
+    tokens, and never its <|user|> and <|assistant|> markers; only an answer longer than all the rest of
+    the context loses its own start (the score is read at its last token). reward.py refuses comparisons
+    whose answers do not fit whole (answers_too_long)."""
+    prompt_ids = tok.render_chat(prompt)[0]  # <|user|> text <|assistant|>
     seqs = []
-    for r, e in zip(responses, endeds):
-        ids = prompt_ids + tok.render_chat(prompt, r)[1][:None if e else -1]
-        seqs.append(ids[-block_size:])
+    for r, e in zip(responses, endeds or [True] * len(responses)):
+        answer = tok.render_chat(prompt, r)[1][:None if e else -1]
+        if len(prompt_ids) + len(answer) <= block_size:
+            seqs.append(prompt_ids + answer)
+        else:
+            answer = answer[-(block_size - 3):]  # at most what fits beside the markers and one prompt token
+            text = prompt_ids[1:-1][-(block_size - 2 - len(answer)):]
+            seqs.append(prompt_ids[:1] + text + prompt_ids[-1:] + answer)
     return seqs
 
 
@@ -193,6 +206,25 @@ def pack_answers(tok, prompts, responses, endeds, block_size):
     return pids, pmask, (torch.tensor(owner), aids, amask)
 
 
+def answers_too_long(tok, prompt, responses, endeds, block_size):
+    """Why a reward model with this context cannot score one of the answers (it leaves no room for one
+    prompt token beside the chat markers), or None. The prompt may be any length (encode_answers crops it)."""
+    for r, e in zip(responses, endeds or [True] * len(responses)):
+        n = len(tok.render_chat(prompt, r)[1]) - (0 if e else 1)
+        if n + 3 > block_size:
+            return f"an answer of {n} tokens does not fit the reward model's context of {block_size} tokens"
+    return None
+
+
+def prompt_too_long(tok, prompt, max_new_tokens, block_size):
+    """Why the model cannot answer this prompt (its chat tokens + max_new_tokens exceed the context), or None."""
+    n = len(tok.render_chat(prompt)[0])
+    if n + max_new_tokens > block_size:
+        return (f"a prompt of {n} tokens plus --max_new_tokens={max_new_tokens} does not fit the model's "
+                f"context of {block_size} tokens")
+    return None
+
+
 @torch.no_grad()
 def score_texts(rm, tok, prompts, responses, endeds, device, batch_size=128):
     """Reward of each (prompt, response) pair, batched, left-padded."""
@@ -218,20 +250,38 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt
 
 
+def load_gpt2(name_or_path):
+    """GPT.from_pretrained, with a folder that is not a GPT-2 checkpoint or a failed download as a one-line error."""
+    try:
+        return GPT.from_pretrained(name_or_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot load GPT-2 weights {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_policy(init_from, device="cpu"):
     """(model, tokenizer name) from GPT-2 weights (a name such as gpt2, or a Hugging Face folder) or
     from one of our checkpoints."""
     if init_from in HF_GPT2_NAMES or os.path.isdir(init_from):
-        return GPT.from_pretrained(init_from).to(device), "gpt2"
+        return load_gpt2(init_from).to(device), "gpt2"
     model, ckpt = load_model(init_from, device)
     return model, ckpt.get("tokenizer", "embedded")
 
 
-def load_reward_model(path, device="cpu"):
-    """A RewardModel (or a RewardEnsemble) from a reward.py checkpoint (normalisation folded into the heads)."""
+def same_tokenizer(a, b):
+    """Whether two tokenizer names (as checkpoints store them) name the same tokenizer."""
+    return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
+
+
+def load_reward_model(path, device="cpu", tok=None):
+    """A RewardModel (or a RewardEnsemble) from a reward.py checkpoint (normalisation folded into the heads).
+    With tok (the policy's tokenizer), a reward model that reads another tokenizer's ids is an error:
+    its scores of this policy's tokens would be meaningless."""
     ckpt = load_checkpoint(path)
     if "reward_model" not in ckpt:
         raise SystemExit(f"error: {path!r} is not a reward model checkpoint (no 'reward_model' key)")
+    if tok is not None and not same_tokenizer(ckpt.get("tokenizer", "embedded"), tok.name):
+        raise SystemExit(f"error: reward model {path!r} uses tokenizer {ckpt.get('tokenizer', 'embedded')!r}, "
+                         f"the policy uses {tok.name!r}: use a reward model trained from this policy's SFT model")
     members = [RewardModel(GPT(GPTConfig(**ckpt["model_config"]))) for _ in range(ckpt.get("ensemble", 1))]
     rm = members[0] if len(members) == 1 else RewardEnsemble(members)
     rm.load_state_dict(ckpt["reward_model"])

@@ -231,12 +231,11 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
 
 
-def main():
-    from common import parse_config, pick_device, print_config
+def main(cfg):
+    from common import pick_device, print_config
     from data.formats import read_prompts
     from engine import load_model
     from tokenizer import get_tokenizer
-    cfg = parse_config(Config)
     print_config(cfg)
     judge = load_judge(cfg.judge)
     rows = read_prompts(cfg.prompts)
@@ -257,4 +256,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_command
+    run_command(main, Config)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import parse_config, pick_device, print_config, pyplot, read_jsonl, write_json
+from common import pick_device, print_config, pyplot, read_jsonl, run_command, write_json
 from data.formats import read_prompts
 from data.world import judge_row
 from engine import generate_answers, load_model, load_reward_model, score_texts
@@ -130,8 +130,7 @@ def rl_curve(cfg, rm, rows, tok, device):
     return rl, out
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
     print_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     dev = pick_device(cfg.device)
@@ -157,4 +156,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)

@@ -23,8 +23,9 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
-from common import parse_config, print_config, pyplot, write_json
+from common import at_least, check_config, one_of, print_config, pyplot, run_command, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(HERE, "data", "world")
@@ -35,12 +36,12 @@ STAGES = ["world", "pretrain", "sft", "reward", "ppo", "oracle"]
 class Config:
     runs: str = os.path.join(HERE, "runs")  # one sub-folder per stage, report.md and results.json
     force: bool = False  # redo every stage even if its summary exists
-    from_stage: str = ""  # redo this stage and all later ones (world|pretrain|sft|reward|ppo|oracle)
+    from_stage: Annotated[str, one_of("", *STAGES)] = ""  # redo this stage and all later ones (world ... oracle)
     oracle: bool = True  # also run PPO with the gold judge as reward (the ceiling for PPO with the RM)
     oracle_beta: float = 0.15  # the oracle's KL coefficient (its own, chosen on dev: docs/EXPERIMENTS.md)
-    oracle_iterations: int = 100  # the oracle's iterations (its own, chosen on dev)
-    split: str = "test"  # test: the reported numbers | dev: a tuning run
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    oracle_iterations: Annotated[int, at_least(1)] = 100  # the oracle's iterations (its own, chosen on dev)
+    split: Annotated[str, one_of("test", "dev")] = "test"  # test: the reported numbers | dev: a tuning run
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     seed: int = 1337  # every stage's seed (the world keeps its own, data/world.py)
 
 
@@ -232,13 +233,9 @@ def write_report(cfg, times):
     return text
 
 
-def main(argv=None):
-    cfg = parse_config(Config, argv)
+def main(cfg):
+    check_config(cfg)
     print_config(cfg)
-    if cfg.from_stage and cfg.from_stage not in STAGES:
-        raise SystemExit(f"error: --from_stage={cfg.from_stage!r}: expected one of {', '.join(STAGES)}")
-    if cfg.split not in ("dev", "test"):
-        raise SystemExit(f"error: --split={cfg.split!r}: expected dev or test")
     os.makedirs(cfg.runs, exist_ok=True)
     times_path = os.path.join(cfg.runs, "stage_seconds.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
@@ -260,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)

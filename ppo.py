@@ -39,7 +39,8 @@ Huang et al. 2023/2024, "The N(+) implementation details of RLHF with PPO"):
 12. beta fixed, or Ziegler's adaptive controller: e = clip(KL/target - 1, -0.2, 0.2),
     beta <- beta * (1 + e * batch / horizon).
 13. PPO-ptx (InstructGPT eq. 2): optionally add ptx_coef * the pretraining LM loss; the held-out
-    pretraining loss is measured before and after (the "alignment tax").
+    pretraining loss of the SFT model and of the policy is measured at the end (the "alignment tax").
+14. Inputs are checked before anything is written (a too long prompt is dropped, with a count); --resume is exact.
 Simplifications: a ~1M-parameter model; the paper's gamma = 27.8 for PPO-ptx is not transferable to
 this scale (tune ptx_coef); the oracle mode normalises the gold score with the mean and std of the
 first rollout's answers. How the defaults were chosen: docs/EXPERIMENTS.md.
@@ -50,16 +51,18 @@ import random
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (all_gather_object, config_dict, ddp_cleanup, ddp_setup, ddp_wrap, get_batch, load_checkpoint,
-                    open_run, parse_config, pick_device, plot_metrics, read_jsonl, reduce_stats, rng_state,
-                    save_checkpoint, set_rng_state, set_seed, write_json)
+from common import (above, all_gather_object, at_least, at_most, check_config, config_dict, ddp_cleanup, ddp_setup,
+                    ddp_wrap, folder, get_batch, load_state, one_of, open_run, option_error, per_rank, pick_device,
+                    plot_metrics, read_jsonl, reduce_stats, resume_checkpoint, rng_state, run_command, save_checkpoint,
+                    set_rng_state, set_seed, write_json)
 from data.formats import read_prompts
-from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model
+from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model, prompt_too_long
 from evaluate import compare_to_reference
 from model import token_logprobs
 from rl import (disable_dropout, entropy_from_logits, global_masked_mean, kl_penalty, masked_mean, masked_whiten,
@@ -75,39 +78,46 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # policy init and frozen reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # frozen RM, and the critic's init
-    reward: str = "rm"  # rm | gold (oracle mode: the gold judge of the embedded world is the reward)
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge is the reward
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (dev; the pipeline passes test; "" = skip)
     pretrain_tokens: str = os.path.join(RUNS, "pretrain", "tokens")  # train.bin/val.bin for PPO-ptx
-    out_dir: str = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
-    iterations: int = 100  # rollout + update cycles
-    rollout_batch: int = 64  # prompts per rollout (global across ranks)
-    minibatch: int = 16  # answers per gradient step
-    ppo_epochs: int = 4  # passes over each rollout
-    temperature: float = 1.0  # sampling temperature, also used for every log-prob
-    max_new_tokens: int = 48  # longest answer, in tokens
-    lr: float = 3e-5  # policy learning rate
-    value_lr: float = 1e-4  # value model learning rate
-    beta: float = 0.15  # KL penalty coefficient (initial value when adaptive_kl)
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
+    iterations: Annotated[int, at_least(1)] = 100  # rollout + update cycles
+    rollout_batch: Annotated[int, at_least(1), per_rank()] = 64  # prompts per rollout (global across ranks)
+    minibatch: Annotated[int, at_least(1)] = 16  # answers per gradient step
+    ppo_epochs: Annotated[int, at_least(1)] = 4  # passes over each rollout
+    temperature: Annotated[float, above(0)] = 1.0  # sampling temperature, also used for every log-prob
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer, in tokens
+    lr: Annotated[float, at_least(0)] = 3e-5  # policy learning rate
+    value_lr: Annotated[float, at_least(0)] = 1e-4  # value model learning rate
+    beta: Annotated[float, at_least(0)] = 0.15  # KL penalty coefficient (initial value when adaptive_kl)
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller toward kl_target
-    kl_target: float = 1.0  # target KL to the reference (nats per answer), adaptive only
-    kl_horizon: int = 10000  # controller horizon in episodes
-    clip_range: float = 0.2  # PPO ratio clip
-    vf_clip: float = 0.2  # value clip
-    vf_coef: float = 0.1  # value loss coefficient
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
+    kl_target: Annotated[float, above(0)] = 1.0  # target KL to the reference (nats per answer), adaptive only
+    kl_horizon: Annotated[int, at_least(1)] = 10000  # controller horizon in episodes
+    clip_range: Annotated[float, above(0)] = 0.2  # PPO ratio clip
+    vf_clip: Annotated[float, above(0)] = 0.2  # value clip
+    vf_coef: Annotated[float, at_least(0)] = 0.1  # value loss coefficient
+    gamma: Annotated[float, at_least(0), at_most(1)] = 1.0  # GAE discount
+    lam: Annotated[float, at_least(0), at_most(1)] = 0.95  # GAE lambda
     no_eos_score: float = -1.0  # score of an answer that never emits <|end|>
-    value_model: str = "separate"  # separate (critic from the RM) | shared (value head on the policy)
-    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss (0 = plain PPO)
-    ptx_batch: int = 8  # pretraining sequences per minibatch when ptx_coef > 0
-    grad_clip: float = 1.0  # max gradient norm, policy and value model each
-    eval_samples: int = 8  # samples per held-out prompt in the final evaluation
-    save_interval: int = 10  # iterations between checkpoints
+    value_model: Annotated[str, one_of("separate", "shared")] = "separate"  # separate (critic from the RM) | shared
+    ptx_coef: Annotated[float, at_least(0)] = 0.0  # PPO-ptx: weight of the pretraining loss (0 = plain PPO)
+    ptx_batch: Annotated[int, at_least(1)] = 8  # pretraining sequences per minibatch when ptx_coef > 0
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max gradient norm, policy and value model each
+    eval_samples: Annotated[int, at_least(1)] = 8  # samples per held-out prompt in the final evaluation
+    save_interval: Annotated[int, at_least(1)] = 10  # iterations between checkpoints
     seed: int = 1337  # seeds the rollouts, the minibatch order and the evaluation samples
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+def check(cfg, world):
+    """The rules that tie options together (each option's own range is declared in Config)."""
+    if (check_config(cfg, world).rollout_batch // world) % cfg.minibatch:
+        raise option_error("rollout_batch", cfg.rollout_batch, f"must split into {world} rank(s) x whole "
+                                                               f"minibatches of --minibatch={cfg.minibatch}")
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -189,37 +199,52 @@ class ActorCritic(nn.Module):
 
 # ----------------------------------------------------------------------------- the steps of train()
 
-def load_ptx_tokens(cfg, vocab_size):
+def load_ptx_tokens(cfg, model_config):
     """The pretraining token files (train, val) as memmaps, for PPO-ptx and the alignment tax; None when
-    absent or of another tokenizer (an error only when --ptx_coef asks for them)."""
+    absent, too short for one window, or of another tokenizer (an error only when --ptx_coef asks for them)."""
     paths = [os.path.join(cfg.pretrain_tokens, f) for f in ("train.bin", "val.bin")]
+    T = min(128, model_config.block_size)  # the window of ptx_loss and heldout_ptx_loss
     if not all(os.path.exists(p) for p in paths):
-        if cfg.ptx_coef > 0:
-            raise SystemExit(f"error: --ptx_coef needs {paths[0]} (run pretrain.py first)")
-        return None
-    ptx = [np.memmap(p, np.uint16, "r") for p in paths]
-    if int(ptx[1].max()) >= vocab_size:  # tokens of another tokenizer
-        if cfg.ptx_coef > 0:
-            raise SystemExit(f"error: {paths[1]} holds token ids beyond the policy's vocabulary "
-                             f"({vocab_size}): pass --pretrain_tokens of its tokenizer")
-        return None
-    return ptx
+        problem = f"needs {paths[0]} (run pretrain.py first)"
+    elif min(os.path.getsize(p) for p in paths) < 2 * (T + 2):  # uint16: 2 bytes a token
+        problem = f"needs {T + 2} tokens in each of {paths[0]} and {paths[1]}, for one window"
+    elif int(np.memmap(paths[1], np.uint16, "r").max()) >= model_config.vocab_size:  # another tokenizer
+        problem = (f"needs pretraining tokens of the policy's tokenizer: {paths[1]} holds token ids beyond its "
+                   f"vocabulary ({model_config.vocab_size}); pass --pretrain_tokens of its tokenizer")
+    else:
+        return [np.memmap(p, np.uint16, "r") for p in paths]
+    if cfg.ptx_coef > 0:
+        raise SystemExit(f"error: option --ptx_coef={cfg.ptx_coef} {problem}")
+    return None
+
+
+def read_prompt_files(cfg, tok, block_size):
+    """The rollout prompts and the held-out prompts of the world. A prompt too long to answer within the
+    context is dropped at load time, with a count and its line numbers: it cannot be answered at all, and
+    a few long prompts in a public dataset should not stop a run (all of them dropped is an error)."""
+    rows, eval_rows = [read_prompts(path, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block_size))
+                       if path else [] for path in (cfg.prompts, cfg.eval_prompts)]
+    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
+        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
+    return rows, [r for r in eval_rows if r.get("world")]
 
 
 def setup(cfg):
-    """The four models, the optimizer, the prompts, the random streams, restored on --resume."""
+    """Options and inputs checked; the four models, the optimizer, the prompts, the random streams, restored
+    on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     rank, world = ddp_setup(cfg.device)
+    check(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed + rank)
     device = pick_device(cfg.device).device
-    if cfg.reward not in ("rm", "gold") or cfg.value_model not in ("separate", "shared"):
-        raise SystemExit(f"error: --reward must be rm or gold (got {cfg.reward!r}); --value_model must be "
-                         f"separate or shared (got {cfg.value_model!r})")
     policy, sft_ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
+    rm, _ = load_reward_model(cfg.reward_model, device, tok)  # refuses a reward model of another tokenizer
+    rows, eval_rows = read_prompt_files(cfg, tok, min(policy.config.block_size, rm.gpt.config.block_size))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = resume_checkpoint(ckpt_path, "ppo", "iteration", cfg.iterations) if cfg.resume else None
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm, _ = load_reward_model(cfg.reward_model, device)
     rm.eval().requires_grad_(False)
     first = rm.members[0] if isinstance(rm, RewardEnsemble) else rm  # an ensemble's critic starts from member 0
     critic = copy.deepcopy(first) if cfg.value_model == "separate" else RewardModel(policy)
@@ -232,35 +257,33 @@ def setup(cfg):
     value_params = list(critic.head.parameters()) if cfg.value_model == "shared" else list(critic.parameters())
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": cfg.lr},
                                   {"params": value_params, "lr": cfg.value_lr}], eps=1e-5)
-    rows = read_prompts(cfg.prompts)
-    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
-        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
-    if cfg.rollout_batch % world or (cfg.rollout_batch // world) % cfg.minibatch:
-        raise SystemExit(f"error: --rollout_batch={cfg.rollout_batch} must split into {world} rank(s) x "
-                         f"whole minibatches of --minibatch={cfg.minibatch}")
     run = types.SimpleNamespace(
         rank=rank, world=world, master=rank == 0, device=device, tok=tok, policy=policy, ref=ref, rm=rm,
-        critic=critic, ac=ac, value_params=value_params, optimizer=optimizer, rows=rows,
-        local_batch=cfg.rollout_batch // world, ptx=load_ptx_tokens(cfg, policy.config.vocab_size),
-        it=0, beta=cfg.beta, gold_norm=None, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
-        gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),  # sampling
+        critic=critic, ac=ac, value_params=value_params, optimizer=optimizer, rows=rows, eval_rows=eval_rows,
+        local_batch=cfg.rollout_batch // world, ptx=load_ptx_tokens(cfg, policy.config), it=0, beta=cfg.beta,
+        gold_norm=None, ckpt_path=ckpt_path, gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),
         prompt_rng=random.Random(cfg.seed + rank), ptx_gen=torch.Generator().manual_seed(cfg.seed + 17 + rank))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.resume:
-        ckpt = load_checkpoint(run.ckpt_path)
-        policy.load_state_dict(ckpt["model"])
-        critic.load_state_dict(ckpt["critic"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        streams = ckpt.get("rank_streams") or [ckpt]  # one per rank of the saved run (rank 0's also at top level)
-        if rank < len(streams):  # a rank the saved run did not have keeps its fresh seeds
-            run.gen.set_state(streams[rank]["gen_state"])
-            run.prompt_rng.setstate((3, tuple(streams[rank]["prompt_rng"]), None))
-        run.it, run.beta, run.gold_norm = ckpt["iteration"], ckpt["beta"], ckpt.get("gold_norm")
-        print(f"resumed from {run.ckpt_path} at iteration {run.it}")
+    if ckpt is not None:
+        restore(run, ckpt)
     run.model = ddp_wrap(ac, world)
-    run.metrics = open_run(cfg, run.master)
+    run.metrics = open_run(cfg, run.master, resumed=("iteration", run.it))
     return run
+
+
+def restore(run, ckpt):
+    """--resume: the weights, the optimizer, beta and every random stream (this rank's own) of the checkpoint."""
+    load_state(run.policy, ckpt["model"], run.ckpt_path)
+    load_state(run.critic, ckpt["critic"], run.ckpt_path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    streams = ckpt.get("rank_streams") or [ckpt]  # one per rank of the saved run (rank 0's also at top level)
+    if run.rank < len(streams):  # a rank the saved run did not have keeps its fresh seeds
+        mine = streams[run.rank]
+        run.gen.set_state(mine["gen_state"])
+        run.prompt_rng.setstate((3, tuple(mine["prompt_rng"]), None))
+        run.ptx_gen.set_state(mine.get("ptx_gen", run.ptx_gen.get_state()))  # PPO-ptx's batches (older: absent)
+    run.it, run.beta, run.gold_norm = ckpt["iteration"], ckpt["beta"], ckpt.get("gold_norm")
+    print(f"resumed from {run.ckpt_path} at iteration {run.it}")
 
 
 def advantages(run, cfg, ro, scores, first_epoch):
@@ -349,17 +372,17 @@ def log_iteration(run, cfg, ro, scores, batch, stats, seconds):
     return row
 
 
-def save(run, cfg):
-    # every rank's sampling streams (a collective: save() runs on all ranks), so that --resume under
-    # torchrun continues each rank's own rollouts instead of giving every rank rank 0's
-    streams = all_gather_object({"gen_state": run.gen.get_state(), "prompt_rng": list(run.prompt_rng.getstate()[1])})
+def save(run, cfg, finished=False):
+    # every rank's random streams (a collective: all ranks call save()): a --resume continues each rank's own
+    streams = all_gather_object({"gen_state": run.gen.get_state(), "prompt_rng": list(run.prompt_rng.getstate()[1]),
+                                 "ptx_gen": run.ptx_gen.get_state()})
     if run.master:
         save_checkpoint(run.ckpt_path, {
-            "model": run.policy.state_dict(), "model_config": config_dict(run.policy.config),
-            "critic": run.critic.state_dict(), "config": config_dict(cfg), "tokenizer": run.tok.name,
-            "iteration": run.it, "beta": run.beta, "gold_norm": run.gold_norm, "optimizer": run.optimizer.state_dict(),
-            "rng": rng_state(), "gen_state": run.gen.get_state(), "prompt_rng": list(run.prompt_rng.getstate()[1]),
-            "rank_streams": streams if run.world > 1 else None})
+            "stage": "ppo", "finished": finished, "model": run.policy.state_dict(),
+            "model_config": config_dict(run.policy.config), "critic": run.critic.state_dict(),
+            "config": config_dict(cfg), "tokenizer": run.tok.name, "iteration": run.it, "beta": run.beta,
+            "gold_norm": run.gold_norm, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+            "rank_streams": streams if run.world > 1 else None} | streams[0])
 
 
 @torch.no_grad()
@@ -386,10 +409,9 @@ def finish(run, cfg, ptx_before, t_start):
     if ptx_before is not None:
         summary |= {"pretrain_val_loss_sft": ptx_before, "pretrain_val_loss_ppo": ptx_after,
                     "alignment_tax": ptx_after - ptx_before}
-    if cfg.eval_prompts:
-        rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
-        summary |= compare_to_reference(run.policy, run.ref, run.tok, rows, cfg.eval_samples, cfg.temperature,
-                                        run.device, cfg.max_new_tokens, seed=cfg.seed)
+    if run.eval_rows:
+        summary |= compare_to_reference(run.policy, run.ref, run.tok, run.eval_rows, cfg.eval_samples,
+                                        cfg.temperature, run.device, cfg.max_new_tokens, seed=cfg.seed)
     summary["eval_seconds"] = round(time.time() - t_eval, 1)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
@@ -401,7 +423,7 @@ def finish(run, cfg, ptx_before, t_start):
 
 def train(cfg):
     run = setup(cfg)
-    ptx_before = heldout_ptx_loss(run.policy, run.ptx, run.device)
+    ptx_before = heldout_ptx_loss(run.ref, run.ptx, run.device)  # the SFT model's, also after a --resume
     t_start = time.time()
     while run.it < cfg.iterations:
         t0 = time.time()
@@ -419,13 +441,14 @@ def train(cfg):
         row = log_iteration(run, cfg, ro, scores, batch, stats, seconds)
         if cfg.adaptive_kl:
             run.beta = adaptive_beta(run.beta, row["kl_to_ref"], cfg.kl_target, cfg.rollout_batch, cfg.kl_horizon)
-        run.metrics.log(**row)
+        run.metrics.log(**row)  # the row first, then the checkpoint that covers it
         if run.it % cfg.save_interval == 0 or run.it == cfg.iterations:
             save(run, cfg)
     summary = finish(run, cfg, ptx_before, t_start) if run.master else {}
+    save(run, cfg, finished=True)
     ddp_cleanup()
     return run.policy, summary
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)

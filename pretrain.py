@@ -19,19 +19,26 @@ Implementation details:
    gradients), so N processes follow the single-process run on the same global batch.
 5. summary.json compares the final validation loss with the corpus's unigram entropy: a model that
    learned nothing but word frequencies would sit at that entropy.
+6. Options and the corpus (read by data/formats.read_corpus; too short for one window of each split
+   is an error) are checked before anything is written. `--resume` refuses another stage's
+   checkpoint; a finished run continues only to a larger --max_steps.
 """
 import os
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 
-from common import (all_reduce_mean, config_dict, ddp_cleanup, ddp_setup, ddp_wrap, get_batch, load_checkpoint,
-                    lr_at, make_optimizer, open_run, parse_config, pick_device, plot_metrics, rank0_first, rng_state,
-                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
-from model import GPT, GPTConfig
+from common import (all_reduce_mean, at_least, below, check_config, config_dict, ddp_cleanup, ddp_setup, ddp_wrap,
+                    folder, get_batch, load_state, lr_at, make_optimizer, open_run, option_error, pick_device,
+                    plot_metrics, rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
+                    set_rng_state, set_seed, write_json)
+from data.formats import read_corpus
+from engine import load_gpt2
+from model import GPT, HF_GPT2_NAMES, GPTConfig
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,35 +48,49 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Config:
     corpus: str = os.path.join(HERE, "data", "world", "corpus.txt")  # plain-text corpus
     tokenizer: str = "embedded"  # embedded | gpt2 | path to a .tiktoken file
-    out_dir: str = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "pretrain")  # checkpoints, metrics, plots
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | a local HF GPT-2 folder
-    n_layer: int = 4  # model shape when init_from=scratch
-    n_head: int = 4  # attention heads per block
-    n_embd: int = 128  # channels of the residual stream
-    block_size: int = 128  # context length in tokens
-    dropout: float = 0.0  # off by default: tiny models on tiny data do not need it
-    batch_size: int = 32  # sequences per optimizer step (global, across ranks and accumulation)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000  # optimizer steps
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # cosine decay floor
-    warmup_steps: int = 100  # linear warmup
-    weight_decay: float = 0.1  # AdamW, on 2-D weights only
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    val_fraction: float = 0.02  # tail of the corpus held out for validation
-    eval_interval: int = 200  # steps between validation losses and samples
-    eval_batches: int = 10  # batches per validation estimate
-    log_interval: int = 20  # steps between log lines
+    n_layer: Annotated[int, at_least(1)] = 4  # model shape when init_from=scratch
+    n_head: Annotated[int, at_least(1)] = 4  # attention heads per block (n_embd must divide by it)
+    n_embd: Annotated[int, at_least(1)] = 128  # channels of the residual stream
+    block_size: Annotated[int, at_least(1)] = 128  # context length in tokens
+    dropout: Annotated[float, at_least(0), below(1)] = 0.0  # off by default: tiny models on tiny data do not need it
+    batch_size: Annotated[int, at_least(1)] = 32  # sequences per optimizer step (global, across ranks and accumulation)
+    grad_accum: Annotated[int, at_least(1)] = 1  # micro-batches per optimizer step
+    max_steps: Annotated[int, at_least(1)] = 1000  # optimizer steps
+    lr: Annotated[float, at_least(0)] = 2e-3  # peak learning rate
+    min_lr: Annotated[float, at_least(0)] = 2e-4  # cosine decay floor
+    warmup_steps: Annotated[int, at_least(0)] = 100  # linear warmup
+    weight_decay: Annotated[float, at_least(0)] = 0.1  # AdamW, on 2-D weights only
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max global gradient norm (0 = off)
+    val_fraction: Annotated[float, at_least(0), below(1)] = 0.02  # tail of the corpus held out for validation
+    eval_interval: Annotated[int, at_least(1)] = 200  # steps between validation losses and samples
+    eval_batches: Annotated[int, at_least(1)] = 10  # batches per validation estimate
+    log_interval: Annotated[int, at_least(1)] = 20  # steps between log lines
     seed: int = 1337  # seeds the initialisation and the batches
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
     compile: bool = False  # torch.compile (CUDA only)
-    threads: int = 0  # torch CPU threads (0 = leave torch's default)
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = leave torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
 
 
-def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
-    """Tokenise once into uint16 train.bin / val.bin (cached in out_dir/tokens)."""
+def check(cfg, world):
+    """The rules that tie options together (each option's own range is declared in Config)."""
+    check_config(cfg)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise option_error("batch_size", cfg.batch_size, f"must divide by world size x grad_accum ({world} x "
+                                                         f"{cfg.grad_accum})")
+    if cfg.init_from == "scratch" and cfg.n_embd % cfg.n_head:
+        raise option_error("n_embd", cfg.n_embd, f"must be a multiple of --n_head={cfg.n_head}")
+    if cfg.init_from not in ("scratch", *HF_GPT2_NAMES) and not os.path.isdir(cfg.init_from):
+        raise option_error("init_from", cfg.init_from, f"must be scratch, {', '.join(HF_GPT2_NAMES)} or a "
+                                                       f"Hugging Face GPT-2 folder")
+
+
+def tokenize_corpus(corpus_path, tok, out_dir, val_fraction, block_size=0):
+    """Tokenise once into uint16 train.bin / val.bin (cached in out_dir/tokens). A corpus too short for
+    one window of block_size + 1 tokens in each split is an error, before the cache is written."""
     tok_dir = os.path.join(out_dir, "tokens")
     train_path, val_path = os.path.join(tok_dir, "train.bin"), os.path.join(tok_dir, "val.bin")
     if not os.path.isfile(corpus_path):
@@ -78,18 +99,18 @@ def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
     stamp = f"{os.path.abspath(corpus_path)} {os.path.getmtime(corpus_path)} {tok.name} {val_fraction}"
     stamp_path = os.path.join(tok_dir, "source.txt")
     if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
-        return np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
+        train, val = np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
+        check_token_counts(corpus_path, len(train), len(val), block_size)
+        return train, val
     assert tok.n_vocab < 2 ** 16, "uint16 token files need a vocabulary below 65536"
-    with open(corpus_path, encoding="utf-8") as f:
-        docs = [d for d in f.read().split("\n\n") if d.strip()]
-    if not docs:
-        raise SystemExit(f"error: corpus {corpus_path!r} is empty")
+    docs = [d for d in read_corpus(corpus_path).split("\n\n") if d.strip()]
     ids = []
     for doc_ids in tok.enc.encode_ordinary_batch(docs):
         ids.append(tok.eot_id)
         ids.extend(doc_ids)
     ids = np.array(ids, dtype=np.uint16)
-    n_val = max(int(len(ids) * val_fraction), 1024)
+    n_val = min(max(int(len(ids) * val_fraction), 1024), len(ids))
+    check_token_counts(corpus_path, len(ids) - n_val, n_val, block_size)
     os.makedirs(tok_dir, exist_ok=True)
     ids[:-n_val].tofile(train_path)
     ids[-n_val:].tofile(val_path)
@@ -97,6 +118,14 @@ def tokenize_corpus(corpus_path, tok, out_dir, val_fraction):
         f.write(stamp)
     print(f"tokenised {corpus_path}: {len(ids):,} tokens ({len(ids) - n_val:,} train, {n_val:,} val)")
     return np.memmap(train_path, np.uint16, "r"), np.memmap(val_path, np.uint16, "r")
+
+
+def check_token_counts(corpus_path, n_train, n_val, block_size):
+    """get_batch draws windows of block_size + 1 tokens: each split needs more than that."""
+    if min(n_train, n_val) < block_size + 2:
+        raise SystemExit(f"error: --corpus={corpus_path}: {n_train:,} training and {n_val:,} validation tokens "
+                         f"(at least 1,024 are held out), but a window of --block_size={block_size} needs "
+                         f"{block_size + 2:,} in each: use a longer corpus or a smaller --block_size")
 
 
 def unigram_entropy(data):
@@ -110,7 +139,7 @@ def build_model(cfg, tok):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    model = GPT.from_pretrained(cfg.init_from)
+    model = load_gpt2(cfg.init_from)
     if model.config.vocab_size < tok.n_vocab:
         model.resize_vocab(tok.n_vocab)  # room for the chat special tokens
     return model
@@ -140,28 +169,27 @@ def sample_text(model, tok, prompt, dev, max_new_tokens=40, seed=0):
 
 
 def setup(cfg):
-    """Devices, tokens, model, optimizer and the data generator, restored from the checkpoint on --resume."""
+    """Options and inputs checked, then devices, tokens, model, optimizer and the data generator, restored
+    from the checkpoint on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     rank, world = ddp_setup(cfg.device)
+    check(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     dev = pick_device(cfg.device, cfg.dtype, cfg.compile)
     tok = get_tokenizer(cfg.tokenizer)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = resume_checkpoint(ckpt_path, "pretrain", "step", cfg.max_steps) if cfg.resume else None
     with rank0_first():  # one rank writes the token cache (and downloads GPT-2), the others then read it
-        train_data, val_data = tokenize_corpus(cfg.corpus, tok, cfg.out_dir, cfg.val_fraction)
+        train_data, val_data = tokenize_corpus(cfg.corpus, tok, cfg.out_dir, cfg.val_fraction, cfg.block_size)
         model = build_model(cfg, tok).to(dev.device)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by world size x grad_accum "
-                         f"({world} x {cfg.grad_accum})")
     run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, train_data=train_data,
                                 val_data=val_data, raw_model=model, micro=cfg.batch_size // (world * cfg.grad_accum),
                                 optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0]),
                                 data_gen=torch.Generator().manual_seed(cfg.seed), step=0, history=[],
-                                ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
-    if cfg.resume:
-        ckpt = load_checkpoint(run.ckpt_path)
-        model.load_state_dict(ckpt["model"])
+                                ckpt_path=ckpt_path)
+    if ckpt is not None:
+        load_state(model, ckpt["model"], ckpt_path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         run.data_gen.set_state(ckpt["data_rng"])
@@ -171,7 +199,8 @@ def setup(cfg):
         model = torch.compile(model)
     run.model = ddp_wrap(model, world)
     run.metrics = open_run(cfg, run.master, f"model: {run.raw_model.num_params():,} parameters; corpus: "
-                           f"{len(train_data):,} train tokens; {cfg.batch_size * cfg.block_size:,} tokens per step")
+                           f"{len(train_data):,} train tokens; {cfg.batch_size * cfg.block_size:,} tokens per step",
+                           resumed=("step", run.step))
     return run
 
 
@@ -199,13 +228,13 @@ def train_step(run, cfg):
     return {"step": run.step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def save(run, cfg):
+def save(run, cfg, finished=False):
     if run.master:
         save_checkpoint(run.ckpt_path, {
-            "model": run.raw_model.state_dict(), "model_config": config_dict(run.raw_model.config),
-            "config": config_dict(cfg), "tokenizer": cfg.tokenizer, "step": run.step,
-            "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "data_rng": run.data_gen.get_state(),
-            "history": run.history})
+            "stage": "pretrain", "finished": finished, "model": run.raw_model.state_dict(),
+            "model_config": config_dict(run.raw_model.config), "config": config_dict(cfg), "tokenizer": cfg.tokenizer,
+            "step": run.step, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+            "data_rng": run.data_gen.get_state(), "history": run.history})
 
 
 def train(cfg):
@@ -222,16 +251,19 @@ def train(cfg):
             if run.master:
                 print(f"step {run.step:5d} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
                       f"grad {row['grad_norm']:.2f} | {row['tokens_per_sec']:,.0f} tok/s")
-        if run.step % cfg.eval_interval == 0 or last:
-            row["val_loss"] = evaluate(run.raw_model, run.val_data, cfg, run.dev, torch.Generator().manual_seed(cfg.seed + 1))
+        evaluating = run.step % cfg.eval_interval == 0 or last
+        if evaluating:
+            row["val_loss"] = evaluate(run.raw_model, run.val_data, cfg, run.dev,
+                                       torch.Generator().manual_seed(cfg.seed + 1))
             if run.master:
                 print(f"step {run.step:5d} | val loss {row['val_loss']:.4f}")
                 if cfg.tokenizer == "embedded":
                     print("   sample:", sample_text(run.raw_model, run.tok, "question: what is 3 plus 4?\nanswer:",
                                                     run.dev).replace("\n", " / "))
-            save(run, cfg)
-        run.metrics.log(**row)
+        run.metrics.log(**row)  # the row and the history first, then the checkpoint that covers them
         run.history.append({k: row[k] for k in ("step", "train_loss", "val_loss") if k in row})
+        if evaluating:
+            save(run, cfg)
 
     elapsed = time.time() - t0
     val_loss = next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None)
@@ -240,7 +272,7 @@ def train(cfg):
                "params": run.raw_model.num_params(), "train_tokens": int(len(run.train_data)),
                "seconds": round(elapsed, 1), "tokens_per_sec": round(tokens_seen / max(elapsed, 1e-9))}
     if run.master:
-        save(run, cfg)
+        save(run, cfg, finished=True)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
                      ["train_loss", "val_loss", "lr"], title="pretraining")
@@ -250,4 +282,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)

@@ -30,6 +30,8 @@ Implementation details:
 6. `--ensemble=N` trains N reward models on the same comparisons, one after the other, from different
    seeds (head initialisation, data order); the reward is their mean (Coste et al. 2023). Each
    member's own held-out accuracy is reported beside the ensemble's.
+7. Inputs are checked before anything is written: a comparison whose answer leaves no room for its
+   prompt in the context is an error naming its line (a long prompt loses its start, markers kept).
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
 is the SFT model (as in Stiennon et al. 2020) and the labelers are simulated. InstructGPT trains one
 epoch (more epochs overfit its 6B model); our ~1M-parameter members train two (docs/EXPERIMENTS.md).
@@ -41,17 +43,19 @@ import random
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, config_dict, ddp_barrier, ddp_cleanup, ddp_setup, ddp_wrap, load_checkpoint,
-                    lr_at, make_optimizer, open_run, parse_config, pick_device, plot_calibration, plot_metrics,
-                    rng_state, save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
+from common import (above, all_reduce_sum, at_least, below, check_config, config_dict, ddp_barrier, ddp_cleanup,
+                    ddp_setup, ddp_wrap, folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device,
+                    plot_calibration, plot_metrics, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
+                    set_rng_state, set_seed, write_json)
 from data import world as W
 from data.formats import read_comparisons, read_prompts, read_sft, write_jsonl
-from engine import (RewardEnsemble, RewardModel, encode_answers, generate_answers, left_pad, load_model,
-                    pack_answers, score_texts)
+from engine import (RewardEnsemble, RewardModel, answers_too_long, encode_answers, generate_answers, left_pad,
+                    load_model, pack_answers, prompt_too_long, score_texts)
 from evaluate import evaluate_best_of_n
 from tokenizer import get_tokenizer
 
@@ -67,27 +71,27 @@ class Config:
     demonstrations: str = os.path.join(WORLD, "sft_train.jsonl")  # the RM is biased so these score 0
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts for best-of-n (the pipeline passes test)
     world_dir: str = WORLD  # labelers.json (the calibrated labeler pool)
-    out_dir: str = os.path.join(HERE, "runs", "reward")  # comparisons, checkpoint, metrics, summary, plots
-    k: int = 8  # answers sampled per labelling prompt (InstructGPT: 4 to 9)
-    temperature: float = 1.0  # sampling temperature for the answers to be labelled
-    max_new_tokens: int = 48  # longest sampled answer, in tokens
-    labeler_bias: float = -1.0  # extra utility per courtesy phrase (-1 = the value in labelers.json)
-    double_label: int = 300  # prompts ranked by a second labeler to measure agreement
-    val_fraction: float = 0.1  # share of prompt texts whose comparisons are held out
-    epochs: int = 2  # passes over the comparisons, per member (InstructGPT: one; see Deviations)
-    batch_size: int = 16  # prompts (each with all its K answers) per optimizer step
-    lr: float = 3e-4  # peak learning rate (docs/EXPERIMENTS.md: how it was chosen)
-    min_lr: float = 3e-5  # cosine floor
-    warmup_steps: int = 20  # linear warmup, per member
-    weight_decay: float = 0.0  # AdamW, on 2-D weights only
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    eval_interval: int = 100  # steps between held-out evaluations (each one scores every held-out answer)
-    ensemble: int = 3  # reward models trained from different seeds; the reward is their mean score
-    best_of: int = 16  # best-of-n evaluation up to this n on the held-out prompts (0 = skip)
-    n_norm: int = 512  # demonstrations / SFT samples used for the score normalisation
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "reward")  # comparisons, checkpoint, metrics, plots
+    k: Annotated[int, at_least(2)] = 8  # answers sampled per labelling prompt (InstructGPT: 4 to 9)
+    temperature: Annotated[float, above(0)] = 1.0  # sampling temperature for the answers to be labelled
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest sampled answer, in tokens
+    labeler_bias: float = -1.0  # extra utility per courtesy phrase (< 0 = the value in labelers.json)
+    double_label: Annotated[int, at_least(0)] = 300  # prompts ranked by a second labeler to measure agreement
+    val_fraction: Annotated[float, at_least(0), below(1)] = 0.1  # share of prompt texts whose comparisons are held out
+    epochs: Annotated[int, at_least(1)] = 2  # passes over the comparisons per member (InstructGPT: one; Deviations)
+    batch_size: Annotated[int, at_least(1), per_rank()] = 16  # prompts (each with all its K answers) per optimizer step
+    lr: Annotated[float, at_least(0)] = 3e-4  # peak learning rate (docs/EXPERIMENTS.md: how it was chosen)
+    min_lr: Annotated[float, at_least(0)] = 3e-5  # cosine floor
+    warmup_steps: Annotated[int, at_least(0)] = 20  # linear warmup, per member
+    weight_decay: Annotated[float, at_least(0)] = 0.0  # AdamW, on 2-D weights only
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max global gradient norm (0 = off)
+    eval_interval: Annotated[int, at_least(1)] = 100  # steps between held-out evaluations (each scores all held out)
+    ensemble: Annotated[int, at_least(1)] = 3  # reward models trained from different seeds; the reward: their mean
+    best_of: Annotated[int, at_least(0)] = 16  # best-of-n evaluation up to this n on the held-out prompts (0 = skip)
+    n_norm: Annotated[int, at_least(1)] = 512  # demonstrations / SFT samples used for the score normalisation
     seed: int = 1337  # seeds sampling, labelling, the split; member m uses seed + m for its head and order
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # resume training from out_dir/ckpt.pt (comparisons are re-read from out_dir)
 
 
@@ -166,43 +170,57 @@ def evaluate_rm(rm, tok, comps, device, batch_size=64):
 
 def get_comparisons(policy, tok, cfg, run):
     """The comparisons to train on: a file the user gave, the ones collected before a --resume, or
-    freshly sampled and labelled in the embedded world (rank 0 does it once; the others read the file)."""
-    comps_path = os.path.join(cfg.out_dir, "comparisons.jsonl")
-    if cfg.comparisons:
-        return read_comparisons(cfg.comparisons), {}
-    if cfg.resume and os.path.exists(comps_path):
-        return read_comparisons(comps_path), {}
-    if not run.master:
-        ddp_barrier()
-        return read_comparisons(comps_path), {}
-    labelers = W.load_labelers(cfg.world_dir)
+    freshly sampled and labelled in the embedded world (rank 0 does it once; the others read the file).
+    Fewer than two (one to train on, one held out) is an error, raised before a file is written."""
+    comps_path, block = os.path.join(cfg.out_dir, "comparisons.jsonl"), policy.config.block_size
+    if cfg.comparisons or cfg.resume or not run.master:
+        if not (cfg.comparisons or cfg.resume):
+            ddp_barrier()
+        return read_comparisons(cfg.comparisons or comps_path, lambda c: answers_too_long(
+            tok, c["prompt"], c["responses"], c.get("ended"), block), at_least=2), {}  # to train on and to hold out
+    labelers = W.load_labelers(cfg.world_dir)  # a missing or unreadable labelers.json: InputError
     bias = labelers["bias"] if cfg.labeler_bias < 0 else cfg.labeler_bias
-    rows = [r for r in read_prompts(cfg.label_prompts) if r.get("world")]
+    rows = [r for r in read_prompts(cfg.label_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens,
+                                                                                  block)) if r.get("world")]
     if not rows:
         raise SystemExit(f"error: {cfg.label_prompts} has no prompts with the world's fields to label")
     t0 = time.time()
     print(f"sampling {cfg.k} answers for each of {len(rows)} prompts and labelling them ...")
     comps, stats = collect_comparisons(policy, tok, rows, cfg, run.dev.device, labelers["labelers"], bias)
+    if len(comps) < 2:  # identical answers and ties are dropped: a degenerate policy may leave almost none
+        raise SystemExit(f"error: labelling the answers to {cfg.label_prompts} gave {len(comps)} comparison(s); "
+                         f"training needs at least 2")
     write_jsonl(comps_path, comps)
     print(f"collected {len(comps)} comparisons in {time.time() - t0:.0f}s: {stats}")
     ddp_barrier()  # the file is complete: the other ranks may read it
     return comps, stats
 
 
+def read_eval_inputs(cfg, tok, block):
+    """The demonstrations of the normalisation and the best-of-n prompts, read (and checked) before training."""
+    # any length: only their mean score is used, and encode_answers crops what does not fit
+    demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
+    rows = read_prompts(cfg.eval_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block)) \
+        if cfg.best_of and cfg.eval_prompts else []
+    return demos, [r for r in rows if r.get("record")]
+
+
 def setup(cfg):
-    """The SFT policy (sampler and trunk of every member), the comparisons split into train / held out,
-    the ensemble's members, and the training state restored on --resume."""
+    """Options and inputs checked; the SFT policy (sampler and trunk of every member), the comparisons split
+    into train / held out, the ensemble's members, and the training state restored on --resume."""
     rank, world = ddp_setup(cfg.device)
+    check_config(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     dev = pick_device(cfg.device)
     policy, sft_ckpt = load_model(cfg.init_from, dev.device)
     tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, policy=policy,
                                 step=0, history=[], opt_state=None, normalization=None,
                                 ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    ckpt = resume_checkpoint(run.ckpt_path, "reward", "step", None) if cfg.resume else None  # never a finished run
+    run.demos, run.eval_rows = read_eval_inputs(cfg, tok, policy.config.block_size)
     t0 = time.time()
     run.comps, run.collect_stats = get_comparisons(policy, tok, cfg, run)
     run.collect_seconds = time.time() - t0
@@ -211,11 +229,6 @@ def setup(cfg):
     held = set(random.Random(cfg.seed).sample(prompts, max(1, int(len(prompts) * cfg.val_fraction))))
     run.val = [c for c in run.comps if c["prompt"] in held]
     run.train_set = [c for c in run.comps if c["prompt"] not in held]
-    if cfg.ensemble < 1 or cfg.eval_interval < 1:
-        raise SystemExit(f"error: --ensemble={cfg.ensemble} and --eval_interval={cfg.eval_interval} "
-                         f"must be at least 1")
-    if cfg.batch_size % world:
-        raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
     run.members = []
     for m in range(cfg.ensemble):  # each member: its own trunk copy, head init (seed + m) and data order
         torch.manual_seed(cfg.seed + m)
@@ -224,28 +237,24 @@ def setup(cfg):
     run.steps_per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
     run.member_steps = cfg.epochs * run.steps_per_epoch
     run.max_steps = cfg.ensemble * run.member_steps  # the members train one after the other
-    if cfg.resume and os.path.exists(run.ckpt_path):
-        ckpt = load_checkpoint(run.ckpt_path)
-        if ckpt.get("ensemble", 1) != cfg.ensemble:
-            raise SystemExit(f"error: {run.ckpt_path} holds {ckpt.get('ensemble', 1)} reward model(s), "
-                             f"--ensemble={cfg.ensemble}: resume with the same --ensemble")
-        run.rm.load_state_dict(ckpt["reward_model"])
-        if "optimizer" in ckpt:
-            run.opt_state = ckpt["optimizer"]
-            set_rng_state(ckpt["rng"])
+    if ckpt is not None:
+        load_state(run.rm, ckpt["reward_model"], run.ckpt_path)  # another --ensemble: a one-line error
+        run.opt_state, run.collect_stats = ckpt["optimizer"], ckpt.get("collect_stats", {})
+        set_rng_state(ckpt["rng"])
         run.step, run.history = ckpt["step"], ckpt["history"]
         print(f"resumed from {run.ckpt_path} at step {run.step}")
     run.metrics = open_run(cfg, run.master, f"{len(run.train_set)} training / {len(run.val)} held-out comparisons; "
-                           f"{run.max_steps} steps ({cfg.ensemble} reward model{'s' if cfg.ensemble > 1 else ''})")
+                           f"{run.max_steps} steps ({cfg.ensemble} reward model{'s' if cfg.ensemble > 1 else ''})",
+                           resumed=("step", run.step))
     return run
 
 
 def save(run, cfg, optimizer=None):
     """A checkpoint; with the optimizer (mid-training, resumable) or without (the final, normalised model)."""
     if run.master:
-        ckpt = {"reward_model": run.rm.state_dict(), "ensemble": cfg.ensemble,
-                "model_config": config_dict(run.rm.gpt.config), "config": config_dict(cfg), "tokenizer": run.tok.name,
-                "step": run.step, "history": run.history}
+        ckpt = {"stage": "reward", "finished": optimizer is None, "reward_model": run.rm.state_dict(),
+                "ensemble": cfg.ensemble, "model_config": config_dict(run.rm.gpt.config), "config": config_dict(cfg),
+                "tokenizer": run.tok.name, "step": run.step, "history": run.history, "collect_stats": run.collect_stats}
         if optimizer is not None:
             ckpt |= {"optimizer": optimizer.state_dict(), "rng": rng_state()}
         if run.normalization is not None:
@@ -286,16 +295,18 @@ def train_member(run, cfg, m, t_start):
     model = ddp_wrap(member, run.world)
     for s in range(s, run.member_steps):
         row = train_step(run, cfg, model, optimizer, m, s)
-        if run.step % cfg.eval_interval == 0 or s + 1 == run.member_steps:
+        evaluating = run.step % cfg.eval_interval == 0 or s + 1 == run.member_steps
+        if evaluating:
             ev = evaluate_rm(member, run.tok, run.val, run.dev.device)  # this member alone
             row |= {f"val_{k}": v for k, v in ev.items() if not k.startswith("_")}
             if run.master:
                 print(f"step {run.step:4d}/{run.max_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} | "
                       f"val acc {ev['acc_vs_labels']:.3f} (gold {ev['acc_vs_gold'] or float('nan'):.3f}) | "
                       f"{time.time() - t_start:.0f}s")
-            save(run, cfg, optimizer)
-        run.metrics.log(**row)
+        run.metrics.log(**row)  # the row and the history first, then the checkpoint that covers them
         run.history.append({k: row[k] for k in ("step", "loss", "accuracy")})
+        if evaluating:
+            save(run, cfg, optimizer)
 
 
 def demo_mean_sample_std(demo, sample):
@@ -313,8 +324,7 @@ def normalize(run, cfg):
     """Shift and scale every member's head so that the demonstrations score mean 0 (InstructGPT) and the
     SFT samples std 1 (N details #7); then one common gain so that the members' mean has std 1 too (the
     PPO critic starts from member 0, so its scale and offset must be right on its own). Returns the record."""
-    demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
-    demos = random.Random(cfg.seed).sample(demos, min(cfg.n_norm, len(demos)))  # all of them if fewer
+    demos = random.Random(cfg.seed).sample(run.demos, min(cfg.n_norm, len(run.demos)))  # all of them if fewer
     norm_comps = run.comps[:cfg.n_norm]
     norm_samples = ([c["prompt"] for c in norm_comps for _ in c["responses"]],
                     [r for c in norm_comps for r in c["responses"]],
@@ -374,17 +384,16 @@ def train(cfg):
     for m in range(cfg.ensemble):
         if run.step < (m + 1) * run.member_steps:  # members finished before a --resume are skipped
             train_member(run, cfg, m, t1)
-    summary = {"collect_seconds": round(run.collect_seconds, 1), "train_seconds": round(time.time() - t1, 1)}
-    summary |= run.collect_stats
+    summary = {"collect_seconds": round(run.collect_seconds, 1), "train_seconds": round(time.time() - t1, 1)} \
+        | run.collect_stats
     if run.master:
         t_eval = time.time()
         summary |= evaluate_heldout(run, cfg)
         run.normalization = normalize(run, cfg)
         summary["normalization"] = run.normalization
-        if cfg.best_of and cfg.eval_prompts:
-            rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
-            summary["best_of_n"] = evaluate_best_of_n(run.policy, run.rm, run.tok, rows, cfg.best_of, cfg.temperature,
-                                                      cfg.max_new_tokens, cfg.seed + 1, run.dev.device)
+        if run.eval_rows:
+            summary["best_of_n"] = evaluate_best_of_n(run.policy, run.rm, run.tok, run.eval_rows, cfg.best_of,
+                                                      cfg.temperature, cfg.max_new_tokens, cfg.seed + 1, run.dev.device)
         summary["eval_seconds"] = round(time.time() - t_eval, 1)
         save(run, cfg)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
@@ -397,4 +406,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import pipeline
-from common import parse_config, print_config, write_json
+from common import print_config, run_command, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- results:begin (written by seeds.py) -->", "<!-- results:end -->"
@@ -95,19 +95,21 @@ def update_readme(path, block):
         f.write(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
     print_config(cfg)
-    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
     if not seeds:
-        raise SystemExit("error: option --seeds: give at least one seed, e.g. --seeds=1,2,3")
+        raise SystemExit(f"error: option --seeds={cfg.seeds!r}: expected comma-separated integers, e.g. --seeds=1,2,3")
     per_seed = []
     for s in seeds:
         run_dir = os.path.join(cfg.runs, f"seed_{s}")
         path = os.path.join(run_dir, "results.json")
         if cfg.run and not os.path.exists(path):
             t0 = time.time()
-            pipeline.main([f"--runs={run_dir}", f"--seed={s}", f"--threads={cfg.threads}"])
+            pipeline.main(pipeline.Config(runs=run_dir, seed=s, threads=cfg.threads))
             print(f"seed {s}: pipeline done in {time.time() - t0:.0f}s")
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} does not exist (run with --run=true)")
@@ -127,4 +129,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)

@@ -20,6 +20,11 @@ Implementation details:
    atomic checkpoints and `--resume` (the data order is a seeded permutation per epoch).
 4. Evaluation on the held-out prompts: answers sampled at temperature 1 (8 per prompt) and greedy,
    scored by the gold judge, next to the base model's.
+5. Inputs are checked before anything is written: a demonstration whose prompt fills the context is
+   an error naming its file and line (it would train on nothing); one whose answer runs past the
+   context is cut there, with a note counting them and naming their lines; a held-out prompt too long
+   to answer within the context is dropped with a count. `--resume` continues exactly (the metrics
+   row of a step is written before the checkpoint that covers it).
 Simplifications: no sequence packing (answers are short; padding costs little here).
 """
 import math
@@ -27,15 +32,17 @@ import os
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, config_dict, ddp_cleanup, ddp_setup, ddp_wrap, load_checkpoint, lr_at,
-                    make_optimizer, open_run, parse_config, pick_device, plot_metrics, rank0_first, rng_state,
-                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
+from common import (all_reduce_sum, at_least, below, check_config, config_dict, ddp_cleanup, ddp_setup, ddp_wrap,
+                    folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device, plot_metrics,
+                    rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr, set_rng_state,
+                    set_seed, write_json)
 from data.formats import read_prompts, read_sft
-from engine import load_policy, set_dropout
+from engine import load_policy, prompt_too_long, set_dropout
 from evaluate import evaluate_policy
 from tokenizer import get_tokenizer
 
@@ -48,26 +55,39 @@ class Config:
     init_from: str = os.path.join(HERE, "runs", "pretrain", "ckpt.pt")  # pretrain checkpoint, or gpt2 / HF folder
     tokenizer: str = ""  # "" = the one stored in the checkpoint (gpt2 for GPT-2 weights)
     train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
-    val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss
+    val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss ("" = none)
     prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts of the world (dev; "" = skip)
-    out_dir: str = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
-    epochs: int = 3  # passes over the demonstrations
-    batch_size: int = 32  # demonstrations per optimizer step (global)
-    lr: float = 5e-4  # peak learning rate
-    min_lr: float = 5e-5  # cosine floor
-    warmup_steps: int = 50  # linear warmup
-    weight_decay: float = 0.0  # AdamW, on 2-D weights only
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    dropout: float = 0.0  # dropout during SFT (the model config's value is replaced)
-    eval_interval: int = 100  # steps between validation losses
-    eval_samples: int = 8  # sampled answers per held-out prompt for the gold evaluation
+    out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
+    epochs: Annotated[int, at_least(1)] = 3  # passes over the demonstrations
+    batch_size: Annotated[int, at_least(1), per_rank()] = 32  # demonstrations per optimizer step (global)
+    lr: Annotated[float, at_least(0)] = 5e-4  # peak learning rate
+    min_lr: Annotated[float, at_least(0)] = 5e-5  # cosine floor
+    warmup_steps: Annotated[int, at_least(0)] = 50  # linear warmup
+    weight_decay: Annotated[float, at_least(0)] = 0.0  # AdamW, on 2-D weights only
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max global gradient norm (0 = off)
+    dropout: Annotated[float, at_least(0), below(1)] = 0.0  # dropout during SFT (the model config's value is replaced)
+    eval_interval: Annotated[int, at_least(1)] = 100  # steps between validation losses
+    eval_samples: Annotated[int, at_least(1)] = 8  # sampled answers per held-out prompt for the gold evaluation
     eval_base: bool = True  # also evaluate the starting model, for the before/after table
-    max_new_tokens: int = 48  # longest sampled answer in the evaluation, in tokens
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest sampled answer in the evaluation, in tokens
     seed: int = 1337  # seeds the data order and the evaluation samples
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+def example_too_long(tok, row, block_size, cut=False):
+    """Why a demonstration does not fit the context, or None (data/formats.py reports it with its line).
+    cut=False: its prompt leaves no answer token to learn (an error: it would train on nothing); cut=True:
+    its answer loses its end (kept, with a note: the usual truncation to the context, as build_example does)."""
+    prompt_ids, response_ids = tok.render_chat(row["prompt"], row["response"])
+    n = len(prompt_ids) + len(response_ids) - (0 if row.get("ended", True) else 1)
+    if not cut and len(prompt_ids) > block_size:
+        return f"the prompt takes {len(prompt_ids)} tokens: the context of {block_size} leaves no answer token to learn"
+    if cut and n - 1 > block_size:
+        return f"prompt and answer take {n} tokens, the context {block_size} + 1: the answer loses {n - 1 - block_size}"
+    return None
 
 
 def build_example(tok, prompt, response, ended=True, block_size=None):
@@ -114,10 +134,19 @@ def val_loss(model, examples, pad_id, batch_size, device):
     return total / max(count, 1)
 
 
+def read_examples(path, tok, block_size):
+    """Demonstrations as (inputs, targets), checked against the context (example_too_long)."""
+    rows = read_sft(path, too_long=lambda r: example_too_long(tok, r, block_size),
+                    cut=lambda r: example_too_long(tok, r, block_size, cut=True))
+    return [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block_size) for r in rows]
+
+
 def setup(cfg):
-    """The starting model and its tokenizer, the demonstrations as examples, the optimizer, the base model's
-    evaluation (for the before/after table), all restored from the checkpoint on --resume."""
+    """Options and inputs checked, then the starting model and its tokenizer, the demonstrations as examples,
+    the optimizer, the base model's evaluation (for the before/after table), all restored from the
+    checkpoint on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     rank, world = ddp_setup(cfg.device)
+    check_config(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -129,35 +158,32 @@ def setup(cfg):
         model.resize_vocab(tok.n_vocab)
     set_dropout(model, cfg.dropout)  # attention dropout included
     block = model.config.block_size
-    train_ex = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block)
-                for r in read_sft(cfg.train_data)]
-    val_ex = [build_example(tok, r["prompt"], r["response"], r.get("ended", True), block)
-              for r in read_sft(cfg.val_data)] if cfg.val_data else []
-    if cfg.batch_size % world:
-        raise SystemExit(f"error: --batch_size={cfg.batch_size} must divide by the world size {world}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    eval_rows = [r for r in read_prompts(cfg.prompts) if r.get("world")] if cfg.prompts else []
+    train_ex = read_examples(cfg.train_data, tok, block)
+    val_ex = read_examples(cfg.val_data, tok, block) if cfg.val_data else []
+    eval_rows = [r for r in read_prompts(cfg.prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens,
+                                                                                 block)) if r.get("world")] \
+        if cfg.prompts else []  # a prompt that cannot be answered within the context is dropped, with a count
     run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, raw_model=model,
                                 train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None, base_eval_seconds=0.0,
                                 steps_per_epoch=math.ceil(len(train_ex) / cfg.batch_size), step=0, history=[],
                                 ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     run.max_steps = cfg.epochs * run.steps_per_epoch
+    ckpt = resume_checkpoint(run.ckpt_path, "sft", "step", run.max_steps) if cfg.resume else None
     if run.master and eval_rows and cfg.eval_base and not cfg.resume:
         print("evaluating the starting model on the held-out prompts ...")
         t0 = time.time()
         run.base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
         run.base_eval_seconds = round(time.time() - t0, 1)
     run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
-    if cfg.resume:
-        ckpt = load_checkpoint(run.ckpt_path)
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        load_state(model, ckpt["model"], run.ckpt_path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         run.step, run.history, run.base_eval = ckpt["step"], ckpt["history"], ckpt.get("base_eval")
         print(f"resumed from {run.ckpt_path} at step {run.step}")
     run.model = ddp_wrap(model, world)
     run.metrics = open_run(cfg, run.master, f"{len(train_ex):,} demonstrations, {len(val_ex):,} for validation; "
-                                            f"{run.max_steps} steps")
+                                            f"{run.max_steps} steps", resumed=("step", run.step))
     return run
 
 
@@ -188,10 +214,11 @@ def train_step(run, cfg):
     return {"step": run.step, "epoch": epoch, "train_loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def save(run, cfg):
+def save(run, cfg, finished=False):
     if run.master:
         save_checkpoint(run.ckpt_path, {
-            "model": run.raw_model.state_dict(), "model_config": config_dict(run.raw_model.config),
+            "stage": "sft", "finished": finished, "model": run.raw_model.state_dict(),
+            "model_config": config_dict(run.raw_model.config),
             "config": config_dict(cfg), "tokenizer": run.tok.name, "step": run.step,
             "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "history": run.history,
             "base_eval": run.base_eval})
@@ -224,15 +251,17 @@ def train(cfg):
     run.model.train()
     while run.step < run.max_steps:
         row = train_step(run, cfg)
-        if run.step % cfg.eval_interval == 0 or run.step == run.max_steps:
+        evaluating = run.step % cfg.eval_interval == 0 or run.step == run.max_steps
+        if evaluating:
             if run.val_ex:
                 row["val_loss"] = val_loss(run.raw_model, run.val_ex, run.tok.pad_id, 64, run.dev.device)
             if run.master:
                 print(f"step {run.step:5d}/{run.max_steps} | loss {row['train_loss']:.4f} | "
                       f"val {row.get('val_loss', float('nan')):.4f} | lr {row['lr']:.2e} | {time.time() - t0:.0f}s")
-            save(run, cfg)
-        run.metrics.log(**row)
+        run.metrics.log(**row)  # the row and the history first, then the checkpoint that covers them
         run.history.append({k: v for k, v in row.items() if k in ("step", "train_loss", "val_loss")})
+        if evaluating:
+            save(run, cfg)
 
     summary = {"steps": run.step, "train_loss": run.history[-1]["train_loss"] if run.history else None,
                "val_loss": next((h["val_loss"] for h in reversed(run.history) if "val_loss" in h), None),
@@ -242,7 +271,7 @@ def train(cfg):
         summary |= evaluate_before_after(run, cfg)
         summary["eval_seconds"] = round(time.time() - t_eval, 1) + run.base_eval_seconds
     if run.master:
-        save(run, cfg)
+        save(run, cfg, finished=True)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png"),
                      ["train_loss", "val_loss", "lr"], title="SFT")
@@ -251,4 +280,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)

@@ -209,7 +209,11 @@ def get_tokenizer(name="embedded"):
         hint = "run `python -m data.world` to build it" if name == "embedded" else \
             "pass 'embedded', 'gpt2' or the path of a .tiktoken file"
         raise SystemExit(f"error: tokenizer file {path!r} does not exist ({hint})")
-    return Tokenizer(make_encoding(name, load_tiktoken(path)))
+    try:
+        ranks = load_tiktoken(path)
+    except (ValueError, UnicodeDecodeError) as e:  # not "<base64 token> <rank>" lines
+        raise SystemExit(f"error: tokenizer file {path!r} is not a .tiktoken file ({e})") from None
+    return Tokenizer(make_encoding(name, ranks))
 
 
 def tokens_per_word(tok, text):

@@ -834,8 +834,15 @@ def build_world(cfg):
 
 
 def load_labelers(world_dir):
-    with open(os.path.join(world_dir, "labelers.json")) as f:
-        return json.load(f)
+    """The calibrated labeler pool of a world folder; a missing or unreadable labelers.json is an InputError."""
+    from data.formats import InputError
+    path = os.path.join(world_dir, "labelers.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the labeler pool ({e}); build the world with `python -m data.world`, "
+                         f"or pass --comparisons") from None
 
 
 def main():

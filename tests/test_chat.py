@@ -103,9 +103,12 @@ def test_streamed_pieces_add_up_to_the_answer(tiny):
     assert row["prompt_ids"] == tok.render_chat(PROMPT)[0]
 
 
-def test_fit_prompt_crops_from_the_left():
-    assert chat.fit_prompt([1, 2, 3, 4, 5], block_size=8, max_new_tokens=5) == [3, 4, 5]
+def test_fit_prompt_crops_from_the_left_and_keeps_the_markers():
+    # the first token (<|user|>) and the last (<|assistant|>) stay; the text loses its start
+    assert chat.fit_prompt([1, 2, 3, 4, 5], block_size=8, max_new_tokens=5) == [1, 4, 5]
+    assert chat.fit_prompt([1, 2, 3, 4, 5], block_size=9, max_new_tokens=5) == [1, 3, 4, 5]
     assert chat.fit_prompt([1, 2], block_size=8, max_new_tokens=5) == [1, 2]
+    assert chat.fit_prompt([1, 2, 3], block_size=8, max_new_tokens=6) is None  # no room for one token of text
     assert chat.fit_prompt([1, 2], block_size=8, max_new_tokens=8) is None
 
 

@@ -246,8 +246,9 @@ def test_ensemble_trains_members_in_turn_and_resume_reproduces_it(tiny_world, sf
         assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-3)
     assert len(s["normalization"]["member_sample_std_before"]) == 2 and s["normalization"]["ensemble_gain"] > 0
 
-    # crash one step after a checkpoint inside the second member, then --resume: the same run, bit for bit
-    crash_at = ms + (2 if ms % 2 == 0 else 1) + 1
+    # crash inside the second member two steps after a checkpoint (checkpoints at even steps), so metrics.jsonl
+    # holds a row the checkpoint does not cover; then --resume: the same run, bit for bit, no row twice
+    crash_at = next(s for s in range(ms + 4, 2 * ms + 1) if s % 2 == 0)
     log = common.Metrics.log
 
     def crashing_log(self, **row):
@@ -258,12 +259,18 @@ def test_ensemble_trains_members_in_turn_and_resume_reproduces_it(tiny_world, sf
     with pytest.raises(Crash):
         reward.train(cfg(split))
     monkeypatch.setattr(common.Metrics, "log", log)
+    assert torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["step"] == crash_at - 2
+    assert len(read_jsonl(os.path.join(split, "metrics.jsonl"))) == crash_at - 1
     reward.train(cfg(split, resume=True))
     b = read_jsonl(os.path.join(split, "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(1, 2 * ms + 1))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["lr"] for r in a] == [r["lr"] for r in b]
-    wb = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["reward_model"]
-    assert all(torch.equal(ckpt["reward_model"][k], wb[k]) for k in wb)
+    assert a == b  # every metric of every row, bit for bit (reward rows carry no timing)
+    timing = ("collect_seconds", "train_seconds")
+    assert {k: v for k, v in s.items() if k not in timing} == \
+        {k: v for k, v in read_json(os.path.join(split, "summary.json")).items() if k not in timing}
+    cb = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
+    assert cb["history"] == ckpt["history"] and cb["finished"]
+    assert all(torch.equal(ckpt["reward_model"][k], cb["reward_model"][k]) for k in cb["reward_model"])
 
 
 def test_bad_command_lines_fail_with_a_clear_message(tmp_path):
