@@ -8,7 +8,7 @@ helpers so that all stages follow the same conventions:
 - one output folder per run holding `config.json`, `metrics.jsonl` (one JSON object per logged
   step), `summary.json` (final numbers), checkpoints and PNG plots drawn from metrics.jsonl;
 - checkpoints are plain dicts written atomically (temp file + rename) and loaded with
-  `torch.load(..., weights_only=True)`;
+  `torch.load(..., weights_only=True)`; downloads (GPT-2 weights) are cached the same way;
 - one helper picks the device and dtype and says why (`pick_device`);
 - one optimizer and one learning-rate schedule for every stage (AdamW, warmup then cosine);
 - under `torchrun`, DistributedDataParallel with one process per device; rank 0 logs and saves;
@@ -21,7 +21,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -196,6 +198,30 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, ...
         raise SystemExit(f"error: cannot read checkpoint {path!r}: {e}")
+
+
+def download(url, path):
+    """Fetch url into path unless path exists (the cache); a partial download never looks complete."""
+    if os.path.isfile(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url) as response, open(path + ".tmp", "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:
+        raise RuntimeError(f"could not download {url} ({e}); put the file in {os.path.dirname(path)} "
+                           f"by hand or pass a local folder") from e
+    os.replace(path + ".tmp", path)
+
+
+def download_from_hub(repo, files, cache_dir=None):
+    """Files of a Hugging Face Hub repo (e.g. gpt2), downloaded once into {cache_dir}/{repo}
+    (~/.cache/rlhf-from-scratch/{repo} by default). Returns that folder."""
+    folder = os.path.join(cache_dir or os.path.expanduser("~/.cache/rlhf-from-scratch"), repo)
+    for file in files:
+        download(f"https://huggingface.co/{repo}/resolve/main/{file}", os.path.join(folder, file))
+    return folder
 
 
 def rng_state():
