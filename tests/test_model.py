@@ -3,6 +3,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pick_device  # noqa: E402
 from model import GPT, PRESETS, GPTConfig, KVCache, position_ids, token_logprobs  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
 
@@ -370,3 +374,28 @@ def test_pick_device_on_cpu(capsys):
     with dev.autocast():
         assert not torch.is_autocast_enabled("cpu")  # fp32 on CPU: bf16 autocast measured no faster
 
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_runs_through_its_command_line():
+    cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--config=tiny", "--device=cpu", "--batch_size=2",
+           "--seq_len=8", "--steps=1", "--warmup=0", "--gen_batch=3", "--gen_prompt_len=4", "--gen_tokens=5",
+           "--gen_repeats=1", "--hf=false"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for row in ("train ours / reference", "KV-cache speedup", "sample T=1, ours with KV cache (B3, 5 new)"):
+        assert row in proc.stdout, proc.stdout
+    assert re.search(r"\| cached == recomputed greedy tokens +\| yes", proc.stdout), proc.stdout
+
+
+def test_bench_hf_reference_holds_our_weights():
+    pytest.importorskip("transformers")  # optional, benchmark only: not in requirements.txt
+    import bench
+    model = tiny_model()
+    hf = bench.hf_gpt2(model)
+    idx, mask = left_padded_batch([9, 4, 1], TINY.vocab_size)
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask, position_ids=position_ids(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], model(idx, attention_mask=mask)[0][real], atol=1e-5, rtol=1e-5)
