@@ -380,7 +380,7 @@ def test_pick_device_on_cpu(capsys):
 def test_bench_runs_through_its_command_line():
     cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--config=tiny", "--device=cpu", "--batch_size=2",
            "--seq_len=8", "--steps=1", "--warmup=0", "--gen_batch=3", "--gen_prompt_len=4", "--gen_tokens=5",
-           "--gen_repeats=1", "--hf=false"]
+           "--gen_repeats=1", "--hf=false", "--threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
