@@ -49,7 +49,7 @@ from common import above, at_least, at_most, pick_device, print_config, run_comm
 from data import world
 from engine import load_model, load_policy, load_reward_model, score_texts
 from evaluate import answer_kls
-from model import HF_GPT2_NAMES, sample_next_token
+from model import HF_GPT2_NAMES, KVCache, sample_next_token
 from tokenizer import get_tokenizer
 
 RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
@@ -81,9 +81,9 @@ def stream_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None
     """Yield generated token ids one by one (the eos included, then stop). prompt_ids: list of ints."""
     device = model.lm_head.weight.device
     step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    past = None
+    cache = KVCache(torch.ones(1, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device))
     for _ in range(max_new_tokens):
-        h, past, _ = model._run(step_input, past_kv=past)  # first call prefills, later ones read 1 token
+        h = model._run(step_input, cache=cache)[0]  # the first call prefills, later ones read 1 token
         logits = model.lm_head(h[:, -1, :]).float()  # (1, V)
         tok = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)  # (1,)
         yield tok.item()

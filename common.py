@@ -14,6 +14,7 @@ helpers so that all stages follow the same conventions:
 - checkpoints are plain dicts written atomically (temp file + rename) and loaded with
   `torch.load(..., weights_only=True)`; each says which stage wrote it ("stage") and whether its run
   finished ("finished"), and `resume_checkpoint` refuses to --resume another stage's or a finished run;
+  downloads (GPT-2 weights) are written the same way;
 - metrics rows are written before the checkpoint that covers them; a --resume drops the rows after
   its checkpoint, so rows are never duplicated or lost across a kill; NaN and inf are written as null;
 - one helper picks the device and dtype and says why (`pick_device`);
@@ -28,8 +29,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import typing
+import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -369,6 +372,30 @@ def load_state(module, state, path):
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")[:200]
         raise SystemExit(f"error: --resume: {path!r} holds a model of another shape than these options build "
                          f"({detail}); resume with the options of the run that wrote it") from None
+
+
+def download(url, path):
+    """Fetch url into path unless path exists (the cache); a partial download never looks complete."""
+    if os.path.isfile(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url) as response, open(path + ".tmp", "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:
+        raise RuntimeError(f"could not download {url} ({e}); put the file in {os.path.dirname(path)} "
+                           f"by hand or pass a local folder") from e
+    os.replace(path + ".tmp", path)
+
+
+def download_from_hub(repo, files, cache_dir=None):
+    """Files of a Hugging Face Hub repo (e.g. gpt2), downloaded once into {cache_dir}/{repo}
+    (~/.cache/rlhf-from-scratch/{repo} by default). Returns that folder."""
+    folder = os.path.join(cache_dir or os.path.expanduser("~/.cache/rlhf-from-scratch"), repo)
+    for file in files:
+        download(f"https://huggingface.co/{repo}/resolve/main/{file}", os.path.join(folder, file))
+    return folder
 
 
 def rng_state():

@@ -7,7 +7,9 @@ every stage pads, samples, scores and loads the same way:
    from the attention mask, model.py, N implementation details #3); `pack` puts left-padded prompts
    and right-padded answers side by side, and `last_token_index` finds each row's last real token.
 2. Sampling: `generate_answers` samples n answers per prompt through the chat template with the KV
-   cache; an answer "ended" if it produced <|end|> within max_new_tokens.
+   cache. An answer stops at the first special token it produces, and it "ended" if that token is
+   <|end|> (within max_new_tokens): so the text the judge reads (everything before the first special
+   token) and the answer's "ended" always describe the same tokens.
 3. Reward models: a GPT trunk plus a scalar head read at the last real token (`RewardModel`), an
    ensemble that averages its members (`RewardEnsemble`), `score_texts` for (prompt, answer, ended)
    triples, and the encoding they all share (`encode_answers`: a sequence too long for the context
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from common import load_checkpoint
-from model import GPT, HF_GPT2_NAMES, CausalSelfAttention, GPTConfig
+from model import GPT, HF_GPT2_NAMES, CausalSelfAttention, GPTConfig, KVCache
 
 
 # ----------------------------------------------------------------------------- padding and masks
@@ -97,7 +99,7 @@ def generate_answers(model, tok, prompts, n=1, temperature=1.0, greedy=False, ma
         ids, mask = left_pad([p for _, p in chunk], tok.pad_id)
         out, out_mask = model.generate(ids.to(device), attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                       greedy=greedy, top_k=top_k, top_p=top_p, eos_id=tok.end_id,
+                                       greedy=greedy, top_k=top_k, top_p=top_p, eos_id=tok.special_ids,
                                        pad_id=tok.pad_id, generator=gen)
         for (i, _), row, row_mask in zip(chunk, out.tolist(), out_mask.tolist()):
             real = [t for t, m in zip(row, row_mask) if m]
@@ -133,10 +135,13 @@ class RewardModel(nn.Module):
         if answers is None:
             return last_token_score(self.values(idx, attention_mask), attention_mask)  # (B,)
         owner, ids, mask = answers
-        _, past, _ = self.gpt._run(idx, attention_mask)  # the prompts' keys and values, (B, H, P, D) per layer
-        past = [(k[owner], v[owner]) for k, v in past]  # (S, H, P, D): each answer reads its own prompt's
-        full = torch.cat([attention_mask[owner], mask], 1)  # (S, P + N)
-        h = self.gpt._run(ids, full, past)[0]  # (S, N, C)
+        prompts = KVCache(attention_mask)
+        self.gpt._run(idx, cache=prompts)  # the prompts' keys and values: (2, B, H, P, D) per layer
+        cache = KVCache(torch.cat([attention_mask[owner], mask], 1))  # (S, P + N): each answer after its prompt
+        cache.kv = [torch.cat([kv[:, owner], kv.new_zeros(*kv.shape[:1], len(owner), kv.size(2), mask.size(1),
+                                                          kv.size(4))], 3) for kv in prompts.kv]  # (2, S, H, P + N, D)
+        cache.filled = attention_mask.size(1)
+        h = self.gpt._run(ids, cache=cache)[0]  # (S, N, C)
         return last_token_score(self.head(h).squeeze(-1), mask)  # (S,)
 
 

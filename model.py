@@ -26,26 +26,25 @@ Implementation details (GPT-2 = Radford et al. 2019; code follows nanoGPT):
    token gets the logits its sequence gets when run alone.
 6. Loss: mean cross entropy over targets != -100; a batch without any target gives 0.0 with a grad_fn
    (never NaN), so a step on it is a harmless no-op.
-7. Generation prefills the prompt once, then feeds one token at a time through a KV cache (per-layer
-   torch.cat). The query is then shorter than the keys, so an explicit boolean mask is always passed:
-   SDPA's is_causal=True aligns its mask top-left and a single query would see only the first key.
-8. Sampling: temperature, top-k, top-p (nucleus, Holtzman et al. 2019), greedy; each sequence stops
-   at its eos (the eos is kept and marked real; later slots are pad_id and masked); the batch stops
-   when all have stopped. An optional torch.Generator makes sampling reproducible.
+7. Generation prefills the prompt once, then feeds one token at a time through a KVCache: per-layer
+   buffers of prompt + max_new_tokens positions written in place (no torch.cat per token), attention
+   reading only the filled part; the position ids and the boolean mask of the whole sequence are built
+   once and sliced per step. The query is then shorter than the keys, so an explicit mask is always
+   passed: SDPA's is_causal=True aligns its mask top-left and a single query would see only the first key.
+8. Sampling: temperature, top-k, top-p (nucleus, Holtzman et al. 2019), greedy; each sequence stops at
+   its eos, or at the first of several stop ids (the stop is kept and marked real; later slots are pad_id
+   and masked); the batch stops when all have stopped. An optional torch.Generator makes it reproducible.
 9. resize_vocab appends rows for our chat special tokens, initialised to the mean embedding (Hewitt 2021).
 10. flops_per_token = 6N + 12*L*H*D*T (PaLM appendix B, as in nanoGPT); N excludes position
     embeddings, but keeps wte because it is also the output projection.
 
 Deviations from GPT-2: dropout defaults to 0 (also for loaded GPT-2 weights, whose config says 0.1;
-RLHF wants it off, N implementation details #1); the cache grows by torch.cat instead of living in a
-preallocated buffer; generation errors out instead of cropping when it would pass block_size.
+RLHF wants it off, N implementation details #1); generation errors out instead of cropping past block_size.
 """
 import dataclasses
 import json
 import math
 import os
-import shutil
-import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +132,23 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class KVCache:
+    """Every layer's keys and values in buffers of `size` positions: update() writes new ones in place and
+    returns views of the `filled` part, all that attention reads. The position ids and (B, 1, size, size)
+    mask of the whole sequence are built once from its (B, size) attention_mask; each step slices them."""
+
+    def __init__(self, attention_mask):
+        self.size, self.filled, self.kv = attention_mask.size(1), 0, []
+        self.pos, self.mask = position_ids(attention_mask), attention_mask_4d(attention_mask, self.size)
+
+    def update(self, layer, k, v):  # k, v (B, H, T, D) -> (B, H, filled + T, D)
+        if layer == len(self.kv):  # first write: a (2, B, H, size, D) buffer in the layer's (autocast) dtype
+            self.kv.append(k.new_empty(2, *k.shape[:2], self.size, k.size(3)))
+        kv, t = self.kv[layer], self.filled + k.size(2)
+        kv[0, :, :, self.filled:t], kv[1, :, :, self.filled:t] = k, v
+        return kv[0, :, :, :t], kv[1, :, :, :t]
+
+
 # ----------------------------------------------------------------------------- the Transformer
 
 class CausalSelfAttention(nn.Module):
@@ -144,13 +160,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, explicit, past_kv=None):
-        """x (B, T, C); mask (B, 1, T, Tk) bool or None for plain causal; past_kv: cached (k, v)."""
+    def forward(self, x, mask, explicit, cache=None, layer=0):
+        """x (B, T, C); mask (B, 1, T, Tk) bool or None for plain causal; cache: a KVCache or None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, H, Tk, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, Tk, D): the cached keys and values, then these
         p = self.dropout if self.training else 0.0
         if explicit:
             y, att = explicit_attention(q, k, v, mask, p)
@@ -158,7 +174,7 @@ class CausalSelfAttention(nn.Module):
             y, att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                     is_causal=mask is None), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v), att
+        return self.resid_dropout(self.c_proj(y)), att
 
 
 class MLP(nn.Module):
@@ -181,10 +197,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, explicit, past_kv=None):
-        y, kv, att = self.attn(self.ln_1(x), mask, explicit, past_kv)
+    def forward(self, x, mask, explicit, cache=None, layer=0):
+        y, att = self.attn(self.ln_1(x), mask, explicit, cache, layer)
         x = x + y
-        return x + self.mlp(self.ln_2(x)), kv, att
+        return x + self.mlp(self.ln_2(x)), att
 
 
 class GPT(nn.Module):
@@ -213,36 +229,34 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(self, idx, attention_mask=None, past_kv=None, return_attn=False):
-        """The Transformer body. idx (B, T) holds the new tokens; attention_mask (B, T_past + T) covers
-        cached and new tokens; past_kv is a list of per-layer (k, v) (B, H, T_past, D) or None.
-        Returns (hidden states after ln_f (B, T, C), per-layer (k, v) incl. the new tokens, attentions)."""
+    def _run(self, idx, attention_mask=None, cache=None, return_attn=False):
+        """The Transformer body on idx (B, T) with attention_mask (B, T) or None (no padding); or, with a
+        KVCache (which holds the whole sequence's mask), on the T tokens after its filled part, adding them.
+        Returns (hidden states after ln_f (B, T, C), per-layer attention weights or None)."""
         B, T = idx.shape
-        T_past = 0 if past_kv is None else past_kv[0][0].size(2)
+        T_past = 0 if cache is None else cache.filled
         if T_past + T > self.config.block_size:
             raise ValueError(f"sequence length {T_past + T} > block_size {self.config.block_size}")
         if self.attn_impl not in ("sdpa", "explicit"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'explicit', not {self.attn_impl!r}")
         explicit = return_attn or self.attn_impl == "explicit"
-        if attention_mask is None:
-            pos = torch.arange(T_past, T_past + T, device=idx.device).expand(B, T)
-            if past_kv is None and not explicit:
-                mask = None  # plain causal: SDPA's is_causal path
-            else:
-                mask = attention_mask_4d(torch.ones(B, T_past + T, device=idx.device), T)
+        if cache is not None:  # rows T_past.. of the whole sequence's positions and mask
+            pos, mask = cache.pos[:, T_past:T_past + T], cache.mask[:, :, T_past:T_past + T, :T_past + T]
+        elif attention_mask is None and not explicit:  # plain causal: SDPA's is_causal path
+            pos, mask = torch.arange(T, device=idx.device).expand(B, T), None
         else:
-            if attention_mask.shape != (B, T_past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {(B, T_past + T)} (cached + new tokens)")
-            pos = position_ids(attention_mask)[:, T_past:]  # (B, T)
-            mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, T_past + T)
+            attention_mask = torch.ones_like(idx) if attention_mask is None else attention_mask
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
+            pos, mask = position_ids(attention_mask), attention_mask_4d(attention_mask, T)  # (B, T), (B, 1, T, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        present, attns = [], []
+        attns = []
         for i, block in enumerate(self.transformer.h):
-            x, kv, att = block(x, mask, explicit, None if past_kv is None else past_kv[i])
-            present.append(kv)
+            x, att = block(x, mask, explicit, cache, i)
             attns.append(att)
-        return self.transformer.ln_f(x), present, attns
+        if cache is not None:
+            cache.filled += T
+        return self.transformer.ln_f(x), attns
 
     def hidden_states(self, idx, attention_mask=None):
         """(B, T) -> (B, T, C) final hidden states after ln_f (the reward / value heads read these)."""
@@ -256,7 +270,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def attention_maps(self, idx, attention_mask=None):
         """Attention weights of every layer through the explicit path: a list of n_layer (B, H, T, T)."""
-        return self._run(idx, attention_mask, return_attn=True)[2]
+        return self._run(idx, attention_mask, return_attn=True)[1]
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None, top_p=None,
@@ -264,6 +278,7 @@ class GPT(nn.Module):
         """Continue the left-padded prompts idx (B, T) (attention_mask (B, T), 1 = real).
         Returns new_tokens (B, N) long and new_mask (B, N) bool with N <= max_new_tokens: True for real
         generated tokens including the eos itself; after a sequence's eos come pad_id and False.
+        eos_id: one token id or a collection of them; a sequence stops at the first it generates.
         use_cache=False recomputes the whole sequence at each step (bench, parity test).
         return_logits=True also returns the raw logits (B, N, V) each token was drawn from (fp32).
         Leaves train/eval mode to the caller (dropout is 0 by default)."""
@@ -272,25 +287,26 @@ class GPT(nn.Module):
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} > block_size "
                              f"{self.config.block_size}: crop the prompt or ask for fewer tokens")
         mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(idx.dtype)
+        stops = None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else sorted(eos_id),
+                                                         dtype=torch.long, device=idx.device)
+        # the cache's mask counts every new token as real: a row's tokens after its eos only feed that row
+        cache = KVCache(torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, real, step_logits = [], [], []
-        seq, step_input, past = idx, idx, None
+        seq = step_input = idx
         for _ in range(max_new_tokens):
-            if use_cache:  # the first call prefills the prompt, later calls read one new token each
-                h, past, _ = self._run(step_input, mask, past)
-            else:
-                h = self._run(seq, mask)[0]
+            h = self._run(step_input, cache=cache)[0] if use_cache else self._run(seq, mask)[0]
             logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
             tok = sample_next_token(logits, temperature, top_k, top_p, greedy, generator).masked_fill(done, pad_id)
             tokens.append(tok)
             real.append(~done)
             if return_logits:
                 step_logits.append(logits)
-            if eos_id is not None:
-                done = done | (tok == eos_id)
+            if stops is not None:
+                done = done | torch.isin(tok, stops)
             step_input = tok[:, None]  # (B, 1)
-            seq = torch.cat([seq, step_input], dim=1)
-            mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)  # tokens after eos are ignored
+            if not use_cache:  # the reference path re-reads the whole sequence
+                seq, mask = torch.cat([seq, step_input], dim=1), torch.cat([mask, torch.ones_like(step_input)], dim=1)
             if done.all():
                 break
         if not tokens:
@@ -308,9 +324,8 @@ class GPT(nn.Module):
         if os.path.isdir(name_or_path):
             folder = name_or_path
         elif name_or_path in HF_GPT2_NAMES:
-            folder = os.path.join(cache_dir or os.path.expanduser("~/.cache/rlhf-from-scratch"), name_or_path)
-            for file in ("config.json", "model.safetensors"):
-                _download(f"https://huggingface.co/{name_or_path}/resolve/main/{file}", os.path.join(folder, file))
+            from common import download_from_hub  # plumbing, needed only to download
+            folder = download_from_hub(name_or_path, ("config.json", "model.safetensors"), cache_dir)
         else:
             raise FileNotFoundError(f"{name_or_path!r} is neither a folder nor one of {HF_GPT2_NAMES}")
         config_path = os.path.join(folder, "config.json")
@@ -341,13 +356,11 @@ class GPT(nn.Module):
             ours = key if key.startswith("transformer.") else "transformer." + key
             if ours not in sd:
                 raise ValueError(f"{path}: unexpected weight {key!r} for a GPT-2 model")
-            if key.endswith(conv1d):
-                w = w.t()  # HF Conv1D stores (in, out); nn.Linear stores (out, in)
+            w = w.t() if key.endswith(conv1d) else w  # HF Conv1D stores (in, out); nn.Linear stores (out, in)
             if w.shape != sd[ours].shape:
                 raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(sd[ours].shape)} "
                                  f"from {config_path}")
-            with torch.no_grad():
-                sd[ours].copy_(w)
+            sd[ours].copy_(w)  # state_dict() tensors are detached views of the parameters
             loaded.add(ours)
         if missing := sorted(set(sd) - loaded):
             raise ValueError(f"{path}: missing {len(missing)} weights, e.g. {missing[:3]}")
@@ -385,16 +398,3 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (PaLM sec. B)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / device_peak_flops
 
-
-def _download(url, path):
-    if os.path.isfile(path):
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    try:
-        with urllib.request.urlopen(url) as response, open(path + ".tmp", "wb") as f:
-            shutil.copyfileobj(response, f)
-    except OSError as e:
-        raise RuntimeError(f"could not download {url} ({e}); put the file in {os.path.dirname(path)} "
-                           f"by hand or pass a local folder") from e
-    os.replace(path + ".tmp", path)  # a partial download never looks complete

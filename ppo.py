@@ -333,7 +333,7 @@ def update(run, cfg, ro, batch, perms):
                 torch.nn.utils.clip_grad_norm_(run.value_params, cfg.grad_clip)
             run.optimizer.step()
             with torch.no_grad():
-                st["entropy"] = masked_mean(entropy_from_logits(logits / cfg.temperature), rmask[mb]).item()
+                st["entropy"] = masked_mean(entropy_from_logits(logits, cfg.temperature), rmask[mb]).item()
             st |= {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item()}
             stats.append(st)
     return stats

@@ -202,7 +202,7 @@ def read_eval_inputs(cfg, tok, block):
     demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
     rows = read_prompts(cfg.eval_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block)) \
         if cfg.best_of and cfg.eval_prompts else []
-    return demos, [r for r in rows if r.get("record")]
+    return demos, [r for r in rows if r.get("world")]
 
 
 def setup(cfg):

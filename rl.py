@@ -4,8 +4,8 @@ ppo.py imports these, and so does every newer method, so that they all sample, s
 end of an answer the same way. The numbered details are those of docs/RLHF_DETAILS.md.
 
 1. The rollout (detail 3): prompts are left-padded, answers sampled with the KV cache at temperature T
-   (detail 2: every log-prob is then computed from logits / T); each answer stops at <|end|>, what
-   follows is padding with mask 0 (detail 5).
+   (detail 2: every log-prob is then computed from logits / T); each answer stops at its first special
+   token (it ended if that is <|end|>), what follows is padding with mask 0 (detail 5).
 2. Scores: the frozen reward model reads the answer's text encoded afresh with the chat template (what
    reward.py trains it on; the sampled ids can be a different segmentation of the same text) and scores
    its last real token; an ensemble's score is its members' mean, and their variance is kept as a diagnostic (the members
@@ -55,8 +55,9 @@ def masked_whiten(x, mask, shift_mean=True):
     return (out if shift_mean else out + mean) * mask
 
 
-def entropy_from_logits(logits):
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of the distribution the tokens were sampled from: softmax(logits / temperature)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -81,7 +82,7 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     policy.eval()
     resp, resp_mask = policy.generate(prompt_ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, eos_id=tok.end_id, pad_id=tok.pad_id,
+                                      temperature=cfg.temperature, eos_id=tok.special_ids, pad_id=tok.pad_id,
                                       generator=generator)
     resp_mask = resp_mask.long()
     seq = torch.cat([prompt_ids, resp], dim=1)  # (B, P + N)

@@ -3,6 +3,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pick_device  # noqa: E402
-from model import GPT, PRESETS, GPTConfig, position_ids, token_logprobs  # noqa: E402
+from model import GPT, PRESETS, GPTConfig, KVCache, position_ids, token_logprobs  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
 
@@ -19,6 +23,25 @@ TINY = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return GPT(dataclasses.replace(TINY, **overrides)).eval()
+
+
+def first_hit(row, stops):
+    """Index of the first token of `row` that is in `stops`, or None."""
+    hits = [i for i, t in enumerate(row.tolist()) if t in stops]
+    return hits[0] if hits else None
+
+
+def varied_stops_setup():
+    """A 6-token model sampled hot from four left-padded prompts, and the trace it samples without
+    eos (the same generator seed replays it: one draw per row per step). Returns model, idx, mask,
+    the generate kwargs, the trace, and an eos that every row samples, at the most spread steps."""
+    model = tiny_model(seed=3, vocab_size=6)
+    idx, mask = left_padded_batch([5, 3, 4, 2], 6, seed=4)
+    kw = dict(max_new_tokens=12, temperature=2.0)  # hot sampling: varied traces from a tiny model
+    free, _ = model.generate(idx, mask, generator=torch.Generator().manual_seed(0), **kw)
+    candidates = [t for t in range(6) if all(first_hit(free[b], {t}) is not None for b in range(4))]
+    eos = max(candidates, key=lambda t: len({first_hit(free[b], {t}) for b in range(4)}))
+    return model, idx, mask, kw, free, eos
 
 
 def left_padded_batch(lengths, vocab, pad_id=0, seed=1):
@@ -155,22 +178,36 @@ def test_kv_cache_equals_recomputing():
     torch.testing.assert_close(logits_c, full[:, idx.size(1) - 1:-1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_filled_in_pieces_equals_one_pass(attn_impl):
+    model = tiny_model()
+    model.attn_impl = attn_impl
+    idx, mask = left_padded_batch([9, 4, 1], TINY.vocab_size)
+    full = model.hidden_states(idx, mask)
+    cache = KVCache(torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1))  # room for 4 more positions
+    pieces = [model._run(idx[:, a:b], cache=cache)[0] for a, b in [(0, 5), (5, 8), (8, 9)]]
+    assert cache.filled == 9 and cache.kv[0].shape == (2, 3, TINY.n_head, 13, TINY.n_embd // TINY.n_head)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)  # pad positions too
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_equals_recomputing_when_rows_stop_at_different_steps(attn_impl):
+    model, idx, mask, kw, free, eos = varied_stops_setup()
+    model.attn_impl = attn_impl
+    kw = dict(kw, eos_id=eos, pad_id=5 if eos != 5 else 4, return_logits=True)
+    tok_c, real_c, logits_c = model.generate(idx, mask, generator=torch.Generator().manual_seed(0), **kw)
+    tok_u, real_u, logits_u = model.generate(idx, mask, generator=torch.Generator().manual_seed(0),
+                                             use_cache=False, **kw)
+    assert len({int(n) for n in real_c.sum(1)}) >= 3 and tok_c.size(1) < 12, "rows should stop at varied steps"
+    assert torch.equal(tok_c, tok_u) and torch.equal(real_c, real_u)
+    torch.testing.assert_close(logits_c, logits_u, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_generate_stops_at_eos_with_mask_semantics():
-    model = tiny_model(seed=3, vocab_size=6)
-    idx, mask = left_padded_batch([5, 3, 4, 2], 6, seed=4)
-    kw = dict(max_new_tokens=12, temperature=2.0)  # hot sampling: varied traces from a tiny model
-    # the reference trace without eos; the same generator seed replays it (one draw per row per step)
-    free, _ = model.generate(idx, mask, generator=torch.Generator().manual_seed(0), **kw)
-
-    def first(b, t):
-        hits = (free[b] == t).nonzero()
-        return hits[0].item() if len(hits) else None
-    # eos = a token every sequence samples, the one whose first occurrences are the most spread
-    candidates = [t for t in range(6) if all(first(b, t) is not None for b in range(4))]
-    eos = max(candidates, key=lambda t: len({first(b, t) for b in range(4)}))
-    ends = [first(b, eos) + 1 for b in range(4)]  # real tokens per sequence, eos included
+    model, idx, mask, kw, free, eos = varied_stops_setup()
+    ends = [first_hit(free[b], {eos}) + 1 for b in range(4)]  # real tokens per sequence, eos included
     assert len(set(ends)) >= 3 and max(ends) < 12, "test setup: sequences should stop at varied steps"
     pad = 5 if eos != 5 else 4
     tok, real = model.generate(idx, mask, eos_id=eos, pad_id=pad,
@@ -180,6 +217,30 @@ def test_generate_stops_at_eos_with_mask_semantics():
         assert real[b].tolist() == [True] * n + [False] * (max(ends) - n)
         assert tok[b, :n].tolist() == free[b, :n].tolist() and tok[b, n - 1] == eos
         assert (tok[b, n:] == pad).all()
+
+
+def test_generate_stops_at_the_first_of_several_stop_tokens():
+    model, idx, mask, kw, free, _ = varied_stops_setup()
+    # two stop tokens, each of them the first one met in some row (so both take part)
+    def met_first(stops):
+        return {free[r, first_hit(free[r], stops)].item() if first_hit(free[r], stops) is not None else None
+                for r in range(4)}
+    stops = next(s for s in ({a, b} for a in range(6) for b in range(a + 1, 6)) if met_first(s) == s)
+    ends = [first_hit(free[r], stops) + 1 for r in range(4)]
+    assert max(ends) < 12
+    pad = min(set(range(6)) - stops)
+    for eos_id in (stops, sorted(stops), tuple(stops)):
+        tok, real = model.generate(idx, mask, eos_id=eos_id, pad_id=pad,
+                                   generator=torch.Generator().manual_seed(0), **kw)
+        assert tok.shape == (4, max(ends))
+        for b, n in enumerate(ends):
+            assert real[b].tolist() == [True] * n + [False] * (max(ends) - n)
+            assert tok[b, :n].tolist() == free[b, :n].tolist() and tok[b, n - 1].item() in stops
+            assert (tok[b, n:] == pad).all()
+    # an int and a one-element collection are the same rule
+    one = [model.generate(idx, mask, eos_id=e, generator=torch.Generator().manual_seed(0), **kw)
+           for e in (min(stops), [min(stops)])]
+    assert torch.equal(one[0][0], one[1][0]) and torch.equal(one[0][1], one[1][1])
 
 
 def test_generate_forced_eos_stops_whole_batch_at_once():
@@ -312,3 +373,29 @@ def test_pick_device_on_cpu(capsys):
     assert "pick_device: cpu" in capsys.readouterr().out
     with dev.autocast():
         assert not torch.is_autocast_enabled("cpu")  # fp32 on CPU: bf16 autocast measured no faster
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_runs_through_its_command_line():
+    cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--config=tiny", "--device=cpu", "--batch_size=2",
+           "--seq_len=8", "--steps=1", "--warmup=0", "--gen_batch=3", "--gen_prompt_len=4", "--gen_tokens=5",
+           "--gen_repeats=1", "--hf=false", "--threads=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for row in ("train ours / reference", "KV-cache speedup", "sample T=1, ours with KV cache (B3, 5 new)"):
+        assert row in proc.stdout, proc.stdout
+    assert re.search(r"\| cached == recomputed greedy tokens +\| yes", proc.stdout), proc.stdout
+
+
+def test_bench_hf_reference_holds_our_weights():
+    pytest.importorskip("transformers")  # optional, benchmark only: not in requirements.txt
+    import bench
+    model = tiny_model()
+    hf = bench.hf_gpt2(model)
+    idx, mask = left_padded_batch([9, 4, 1], TINY.vocab_size)
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask, position_ids=position_ids(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], model(idx, attention_mask=mask)[0][real], atol=1e-5, rtol=1e-5)

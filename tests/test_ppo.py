@@ -3,6 +3,7 @@ per-token rewards, masked statistics, Ziegler's controller), the answer-token al
 and tiny runs through the command line: ratio exactly 1 on the first minibatch, and a gold-reward run
 whose gold score clearly rises."""
 import copy
+import types
 import math
 import os
 
@@ -15,7 +16,7 @@ from common import read_jsonl
 from engine import RewardModel, left_pad, load_model
 from model import GPT, GPTConfig, token_logprobs
 from ppo import ActorCritic, adaptive_beta, compute_gae, explained_variance, per_token_rewards, ppo_losses
-from rl import entropy_from_logits, kl_penalty, masked_mean, masked_whiten
+from rl import disable_dropout, entropy_from_logits, kl_penalty, masked_mean, masked_whiten
 
 
 def tiny_gpt(seed=0, vocab=30):
@@ -47,6 +48,29 @@ def test_explained_variance_and_entropy():
     assert explained_variance(torch.zeros_like(returns), returns, mask) == pytest.approx(0.0)  # constant critic
     assert entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2)
     assert entropy_from_logits(torch.tensor([[50.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    # at the sampling temperature: logits (log 3, 0) at T = 1 are p = (3/4, 1/4); at T = 2, (sqrt 3, 1) / (sqrt 3 + 1)
+    logits = torch.tensor([[math.log(3.0), 0.0]])
+    h = lambda p: -sum(x * math.log(x) for x in p)
+    assert entropy_from_logits(logits).item() == pytest.approx(h([0.75, 0.25]), rel=1e-5)
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    assert entropy_from_logits(logits, temperature=2.0).item() == pytest.approx(h([p, 1 - p]), rel=1e-5)
+
+
+def test_dropout_off_everywhere_including_attention():
+    """rl.disable_dropout also turns off the attention dropout (a float handed to SDPA, not an nn.Dropout):
+    in train mode, two forward passes of the same tokens then give the same log-probs."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=30, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
+    critic = RewardModel(GPT(GPTConfig(block_size=24, vocab_size=30, n_layer=1, n_head=2, n_embd=16, dropout=0.5)))
+    seq = torch.randint(30, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(model(seq)[0], model(seq)[0])  # dropout on: two passes differ
+    for m in (model, critic):
+        disable_dropout(m)
+    assert model.transformer.h[0].attn.dropout == 0.0 and model.config.dropout == 0.0
+    torch.testing.assert_close(model(seq)[0], model(seq)[0], atol=0, rtol=0)
+    critic.train()
+    torch.testing.assert_close(critic.values(seq, torch.ones_like(seq)), critic.values(seq, torch.ones_like(seq)),
+                               atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- rewards and advantages
@@ -268,3 +292,31 @@ def test_bad_command_lines_fail_with_a_clear_message(tiny_world, pretrain_run, s
     args = ppo_args(tiny_world, sft_run, reward_run, pretrain_run, str(tmp_path / "out"), ptx_coef=0.1)
     args = [a for a in args if not a.startswith("--pretrain_tokens=")] + [f"--pretrain_tokens={tokens}"]
     assert_fails_clearly("ppo.py", args, str(tokens / "val.bin"), "vocabulary")
+
+
+def test_answers_stop_at_their_first_special_token_and_the_reward_model_reads_their_text(tiny_world, sft_run,
+                                                                                         reward_run):
+    """An answer never runs on past a special token: the judge reads the text before the first special
+    token and "ended" says whether that token is <|end|>, so both describe the same answer; and the
+    rollout's reward-model score is the score of that text encoded afresh (what reward.py trains on),
+    not of the sampled ids, which can be another segmentation of the same text."""
+    from data.formats import read_prompts
+    from engine import generate_answers, load_reward_model, score_texts
+    from rl import rollout
+    from tokenizer import get_tokenizer
+    policy, ckpt = load_model(os.path.join(sft_run, "ckpt.pt"))
+    tok = get_tokenizer(ckpt["tokenizer"])
+    rows = read_prompts(tiny_world.prompts_ppo)[:24]
+    hot = generate_answers(policy, tok, [r["prompt"] for r in rows], n=4, temperature=3.0, max_new_tokens=32, seed=0)
+    answers = [a for ans in hot for a in ans]
+    assert sum(bool(tok.special_ids & set(a["ids"])) for a in answers) > 10  # hot sampling hits special tokens
+    for a in answers:
+        specials = [i for i, t in enumerate(a["ids"]) if t in tok.special_ids]
+        assert specials in ([], [len(a["ids"]) - 1])  # at most one, and only as the last token
+        assert a["ended"] == (a["ids"][-1:] == [tok.end_id])
+        assert a["text"] == tok.decode_response(a["ids"])
+    rm, _ = load_reward_model(os.path.join(reward_run, "ckpt.pt"))
+    cfg = types.SimpleNamespace(max_new_tokens=32, temperature=3.0, reward="rm")
+    ro = rollout(policy, copy.deepcopy(policy), rm.eval(), tok, rows, cfg, "cpu", torch.Generator().manual_seed(0))
+    expected = score_texts(rm, tok, [r["prompt"] for r in rows], ro["texts"], ro["ended"].tolist(), "cpu")
+    torch.testing.assert_close(ro["raw_scores"], torch.tensor(expected), atol=1e-5, rtol=0)

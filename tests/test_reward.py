@@ -113,6 +113,17 @@ def test_prompt_computed_once_gives_the_scores_of_each_answer_alone():
                            for ids in (torch.tensor([s]) for s in encode_answers(tok, p, rs, es, 64))])
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
     assert pack_answers(tok, prompts, responses, endeds, 20) is None  # too long for the context: no packing
+    with torch.enable_grad():  # and the gradients a training step takes from it are the same too
+        grads = []
+        for packed in (True, False):
+            rm.zero_grad()
+            scores = rm(pids, pmask, answers) if packed else torch.cat(
+                [rm(ids, torch.ones_like(ids)) for p, rs, es in zip(prompts, responses, endeds)
+                 for ids in (torch.tensor([s]) for s in encode_answers(tok, p, rs, es, 64))])
+            (scores * torch.arange(1.0, 6.0)).sum().backward()
+            grads.append([p.grad.clone() for p in rm.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- best-of-n by hand
