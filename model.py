@@ -31,12 +31,12 @@ Implementation details (GPT-2 = Radford et al. 2019; code follows nanoGPT):
    reading only the filled part; the position ids and the boolean mask of the whole sequence are built
    once and sliced per step. The query is then shorter than the keys, so an explicit mask is always
    passed: SDPA's is_causal=True aligns its mask top-left and a single query would see only the first key.
-8. Sampling: temperature, top-k, top-p (nucleus, Holtzman et al. 2019), greedy; each sequence stops at
-   its eos, or at the first of several stop ids (the stop is kept and marked real; later slots are pad_id
-   and masked); the batch stops when all have stopped. An optional torch.Generator makes it reproducible.
+8. Sampling: temperature, top-k, top-p (nucleus, Holtzman et al. 2019), greedy; by inverse CDF (one
+   uniform number per row: the first token whose cumulative probability exceeds it); a sequence stops
+   at the first of its stop ids (kept and marked real; later slots are pad_id and masked), the batch
+   when all have stopped. An optional torch.Generator makes it reproducible.
 9. resize_vocab appends rows for our chat special tokens, initialised to the mean embedding (Hewitt 2021).
-10. flops_per_token = 6N + 12*L*H*D*T (PaLM appendix B, as in nanoGPT); N excludes position
-    embeddings, but keeps wte because it is also the output projection.
+10. flops_per_token = 6N + 12*L*H*D*T (PaLM appendix B, nanoGPT); N excludes position embeddings only.
 
 Deviations from GPT-2: dropout defaults to 0 (also for loaded GPT-2 weights, whose config says 0.1;
 RLHF wants it off, N implementation details #1); generation errors out instead of cropping past block_size.
@@ -63,9 +63,8 @@ class GPTConfig:
     bias: bool = True       # biases in Linear and LayerNorm layers, as in GPT-2
 
 
-# Use dataclasses.replace(PRESETS[name], vocab_size=tok.n_vocab) rather than editing these in place.
-PRESETS = {
-    "embedded": GPTConfig(block_size=128, vocab_size=1024, n_layer=4, n_head=4, n_embd=128),  # ~1M, CPU
+PRESETS = {  # dataclasses.replace(PRESETS[name], vocab_size=tok.n_vocab) rather than editing these in place
+    "embedded": GPTConfig(block_size=128, vocab_size=2016, n_layer=4, n_head=4, n_embd=128),  # ~1M, CPU
     "gpt2": GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": GPTConfig(block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": GPTConfig(block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -129,7 +128,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # the tokens before this one already hold > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V); inverse-CDF sampling: one uniform number per row
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 class KVCache:
@@ -383,8 +384,7 @@ class GPT(nn.Module):
         return self
 
     def num_params(self, non_embedding=False):
-        """Parameter count; the tied wte/lm_head matrix counts once. non_embedding drops the position
-        embeddings only (nanoGPT): wte also serves as the output layer, so it costs compute."""
+        """Parameter count (the tied wte/lm_head once); non_embedding drops only the position embeddings."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pick_device  # noqa: E402
-from model import GPT, PRESETS, GPTConfig, KVCache, position_ids, token_logprobs  # noqa: E402
+from model import GPT, PRESETS, GPTConfig, KVCache, position_ids, sample_next_token, token_logprobs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,6 +263,23 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
         g = torch.Generator().manual_seed(0)
         sampled, _ = model.generate(idx, mask, max_new_tokens=8, temperature=1.5, generator=g, **kw)
         assert torch.equal(sampled, greedy), kw
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    # inverse-CDF sampling: 200,000 draws of p = (0.5, 0.3, 0, 0.2) from one row repeated; a token of
+    # probability 0 (here the third, and any top-k / top-p cuts) is never drawn
+    p = torch.tensor([0.5, 0.3, 0.0, 0.2])
+    logits = p.log().expand(200_000, 4)
+    draws = sample_next_token(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[2] == 0
+    torch.testing.assert_close(freq, p, atol=0.005, rtol=0)  # ~4 standard errors
+    cut = sample_next_token(torch.randn(5000, 30), top_k=3, generator=torch.Generator().manual_seed(1))
+    assert len(set(cut.tolist())) > 3  # rows differ, but each row draws from its own top 3 only
+    logits = torch.randn(5000, 30, generator=torch.Generator().manual_seed(2))
+    draws = sample_next_token(logits, top_k=3, generator=torch.Generator().manual_seed(3))
+    top3 = logits.topk(3, dim=-1).indices
+    assert (draws[:, None] == top3).any(-1).all()
 
 
 def test_sampling_reproducible_with_generator():
