@@ -49,7 +49,7 @@ from common import (all_reduce_sum, config_dict, ddp_barrier, ddp_cleanup, ddp_s
                     lr_at, make_optimizer, open_run, parse_config, pick_device, plot_calibration, plot_metrics,
                     rng_state, save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
 from data import world as W
-from data.formats import read_comparisons, read_prompts, read_sft, write_jsonl
+from data.formats import read_comparisons, read_prompts, read_sft, split_by_prompt, write_jsonl
 from engine import (RewardEnsemble, RewardModel, encode_answers, generate_answers, left_pad, load_model,
                     pack_answers, score_texts)
 from evaluate import evaluate_best_of_n
@@ -207,10 +207,7 @@ def setup(cfg):
     run.comps, run.collect_stats = get_comparisons(policy, tok, cfg, run)
     run.collect_seconds = time.time() - t0
     # held out by prompt: every comparison of a held-out prompt text is held out (a prompt can recur)
-    prompts = sorted({c["prompt"] for c in run.comps})
-    held = set(random.Random(cfg.seed).sample(prompts, max(1, int(len(prompts) * cfg.val_fraction))))
-    run.val = [c for c in run.comps if c["prompt"] in held]
-    run.train_set = [c for c in run.comps if c["prompt"] not in held]
+    run.train_set, run.val = split_by_prompt(run.comps, cfg.val_fraction, cfg.seed)
     if cfg.ensemble < 1 or cfg.eval_interval < 1:
         raise SystemExit(f"error: --ensemble={cfg.ensemble} and --eval_interval={cfg.eval_interval} "
                          f"must be at least 1")

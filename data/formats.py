@@ -20,9 +20,11 @@ Implementation details:
 3. Fields beyond the required ones are kept, so a dataset can carry ids or metadata through.
 4. Writers are atomic (temp file + os.replace): an interrupted run never leaves a half-written file
    that a later stage would take for a complete one.
+5. `split_by_prompt` holds comparisons out by prompt text (reward.py and dpo.py share it).
 """
 import json
 import os
+import random
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
                bool: "boolean", type(None): "null"}
@@ -126,6 +128,15 @@ def read_comparisons(path):
                                        f'(indices into "responses", best first), got {_show(ranking)}')
         rows.append(obj)
     return rows
+
+
+def split_by_prompt(comps, fraction, seed):
+    """(training, held-out) comparisons, held out by prompt text: a seeded sample of `fraction` of the
+    distinct prompts (at least one), every comparison of a held-out prompt held out (a prompt can recur).
+    reward.py and dpo.py both split with it, so the same seed and fraction give them the same pairs."""
+    prompts = sorted({c["prompt"] for c in comps})
+    held = set(random.Random(seed).sample(prompts, max(1, int(len(prompts) * fraction))))
+    return [c for c in comps if c["prompt"] not in held], [c for c in comps if c["prompt"] in held]
 
 
 def read_corpus(path):
