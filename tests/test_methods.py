@@ -1,4 +1,4 @@
-"""The step-3 methods beside PPO: dpo.py, grpo.py (RLOO, GRPO, Dr. GRPO) and rejection.py.
+"""The step-3 methods beside PPO: dpo.py, grpo.py (RLOO, GRPO, Dr. GRPO), rejection.py and compare.py.
 
 Hand-derived values for the formulas (the DPO loss and implicit reward, the leave-one-out baseline,
 group normalisation and its zero-variance case, the k3 estimator, the two loss reductions, rejection
@@ -227,7 +227,37 @@ def test_rejection_sampling_two_rounds_through_sft(tiny_world, sft_run, reward_r
     load_model(os.path.join(out, "ckpt.pt"))
 
 
+def test_compare_writes_one_table_and_the_plot(tiny_world, sft_run, reward_run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- methods:begin (written by compare.py) -->\nSTALE TABLE\n<!-- methods:end -->\nafter\n")
+    results, png = str(tmp_path / "results"), str(tmp_path / "img" / "m.png")
+    args = [f"--sft={sft_run}/ckpt.pt", f"--reward_model={reward_run}/ckpt.pt", f"--prompts={tiny_world.prompts_ppo}",
+            f"--eval_prompts={tiny_world.prompts_dev}", f"--out_dir={tmp_path / 'runs'}", f"--results={results}",
+            f"--plot={png}", f"--readme={readme}", "--budget=64", "--best_of=2", "--eval_samples=1",
+            f"--max_new_tokens={MAX_NEW_TOKENS}"]
+    run_script("compare.py", *args, timeout=600)
+    res = read_json(os.path.join(results, "methods.json"))
+    assert list(res["methods"]) == ["ppo", "rloo", "grpo", "drgrpo", "rejection", "dpo", "best_of_n"]
+    for name, m in res["methods"].items():
+        row = m["per_seed"][0]
+        assert row["wall_seconds"] > 0 and 0 <= row["pass"] <= 1, name
+        if name in ("ppo", "rloo", "grpo", "drgrpo", "rejection"):
+            assert row["answers"] == row["rm_calls"] == 64, name  # the matched budget
+    assert res["methods"]["dpo"]["per_seed"][0]["answers"] == 0
+    md = open(os.path.join(results, "methods.md")).read()
+    assert md.count("\n| ") == 9 and "SFT (the start)" in md  # header + separator... 1 SFT row + 7 methods
+    text = readme.read_text()
+    assert "STALE TABLE" not in text and "| GRPO (k=4) |" in text and text.endswith("<!-- methods:end -->\nafter\n")
+    assert os.path.getsize(png) > 10_000
+    # a second call reuses every run (no method's summary is rewritten)
+    before = os.path.getmtime(tmp_path / "runs" / "seed_1337" / "ppo" / "summary.json")
+    run_script("compare.py", *args, "--methods=ppo")
+    assert os.path.getmtime(tmp_path / "runs" / "seed_1337" / "ppo" / "summary.json") == before
+
+
 def test_bad_command_lines_fail_with_a_clear_message(tmp_path):
     assert_fails_clearly("grpo.py", ["--estimator=ppo", f"--out_dir={tmp_path}"], "--estimator")
     assert_fails_clearly("grpo.py", ["--k=1", f"--out_dir={tmp_path}"], "--k=1")
+    assert_fails_clearly("compare.py", ["--methods=ppo,sac", f"--out_dir={tmp_path}"], "--methods")
+    assert_fails_clearly("compare.py", ["--budget=100", f"--out_dir={tmp_path}"], "--budget=100")
     assert_fails_clearly("rejection.py", ["--reward=human", f"--out_dir={tmp_path}"], "--reward")
