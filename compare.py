@@ -17,7 +17,8 @@ The budget is a number of sampled answers (--budget, default 6,400 = ppo.py's 10
     dpo        samples nothing: it trains on the comparisons the reward model trained on (K answers to each
                labelling prompt; the online methods paid for the same answers through their reward model)
     best_of_n  no training: n = 1 .. best_of SFT answers to every test prompt, the reward model picks one
-               (its cost is paid at inference: n answers and n reward-model calls per question)
+               (its cost is paid at inference: n answers and n reward-model calls per question); the table
+               shows n = 8, rejection sampling's n, the plot every n
 The online methods all use the same reward model and KL coefficient (0.15, in the reward as ppo.py);
 every other setting is the method's default (docs/EXPERIMENTS.md says which are untuned). Each method's
 final evaluation is evaluate.compare_to_reference on the test prompts with the same seed, so the SFT
@@ -133,8 +134,9 @@ def run(cfg, name, seed):
 
 def table_row(name, s, cfg):
     """The table's numbers of one method's summary.json."""
-    if name == "best_of_n":
-        b = s["best_of_n"][-1]
+    if name == "best_of_n":  # n = rejection sampling's n: the same selection, paid at inference (the plot has every n)
+        import rejection
+        b = [b for b in s["best_of_n"] if b["n"] <= rejection.Config.n][-1]
         return {"pass": b["pass_rate"], "gold": b["gold_mean"], "kl": b["kl"], "n": b["n"],
                 "answers": f"{b['n']} per question", "rm_calls": f"{b['n']} per question", "train_seconds": 0.0}
     row = {"pass": s["policy_pass_rate"], "pass_greedy": s["policy_pass_rate_greedy"], "gold": s["policy_gold_mean"],
@@ -224,7 +226,7 @@ def plot(cfg, res, sft, seeds, path):
         for seed in seeds if METHODS[name][0] in ("ppo", "grpo") else []:
             p = os.path.join(cfg.out_dir, f"seed_{seed}", name, "metrics.jsonl")
             rows = [m for m in read_jsonl(p) if "gold" in m] if os.path.exists(p) else []
-            smooth = lambda k: [statistics.mean(x[k] for x in rows[max(0, j - 4):j + 1]) for j in range(len(rows))]
+            smooth = lambda k: [statistics.mean(x[k] for x in rows[max(0, j - 9):j + 1]) for j in range(len(rows))]
             if rows:
                 ax2.plot(smooth("kl_to_ref"), smooth("gold"), "-", color=color, alpha=0.8,
                          label=LABELS[name] if seed == seeds[0] else None)
@@ -232,7 +234,7 @@ def plot(cfg, res, sft, seeds, path):
     ax.set_xlabel("KL(policy || SFT), nats per answer (best-of-n: log n - (n-1)/n)")
     ax.set_ylabel("gold mean on the evaluation prompts (sampled)")
     ax.set_title("final policies, evaluation prompts")
-    ax2.set_xlabel("KL to SFT of the rollout answers (nats, mean of 5 iterations)")
+    ax2.set_xlabel("KL to SFT of the rollout answers (nats; means of 10 iterations)")
     ax2.set_ylabel("gold mean of the rollout answers")
     ax2.set_title("online methods while training (training prompts)")
     for a in (ax, ax2):
@@ -282,7 +284,8 @@ def main(argv=None):
     block += f"\nWall time of these runs, evaluations included: {total / 60:.1f} minutes.\n"
     if cfg.results:
         os.makedirs(cfg.results, exist_ok=True)
-        write_json(os.path.join(cfg.results, "methods.json"), {"machine": machine, "config": vars(cfg), "seeds": seeds,
+        rel = {k: os.path.relpath(v, HERE) if isinstance(v, str) and os.path.isabs(v) else v for k, v in vars(cfg).items()}
+        write_json(os.path.join(cfg.results, "methods.json"), {"machine": machine, "config": rel, "seeds": seeds,
                                                                "sft": sft, "methods": res, "wall_seconds": times})
         with open(os.path.join(cfg.results, "methods.md"), "w") as f:
             f.write(block)
