@@ -65,8 +65,8 @@ from data.formats import read_prompts
 from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model, prompt_too_long
 from evaluate import compare_to_reference
 from model import token_logprobs
-from rl import (disable_dropout, entropy_from_logits, global_masked_mean, kl_penalty, masked_mean, masked_whiten,
-                rollout, score_rollout)
+from rl import (clipped_surrogate, disable_dropout, entropy_from_logits, global_masked_mean, kl_penalty, masked_mean,
+                masked_whiten, rollout, score_rollout)
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,17 +150,12 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_range, vf_clip):
     """Clipped surrogate policy loss and clipped value loss (Schulman et al. 2017), masked means.
     Returns (pg_loss, vf_loss, stats dict with ratio, approx_kl, clipfrac, vf_clipfrac)."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_loss = masked_mean(torch.max(-advantages * ratio,
-                                    -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)), mask)
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    pg_loss = masked_mean(per_token, mask)  # a token mean over the minibatch (detail 10)
     v_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
     vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
     with torch.no_grad():
-        stats = {"ratio": masked_mean(ratio, mask).item(),
-                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),  # k3 estimator, >= 0
-                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_range).float(), mask).item(),
-                 "vf_clipfrac": masked_mean(((values - old_values).abs() > vf_clip).float(), mask).item()}
+        stats["vf_clipfrac"] = masked_mean(((values - old_values).abs() > vf_clip).float(), mask).item()
     return pg_loss, vf_loss, stats
 
 

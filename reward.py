@@ -53,7 +53,7 @@ from common import (above, all_reduce_sum, at_least, below, check_config, config
                     plot_calibration, plot_metrics, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
                     set_rng_state, set_seed, write_json)
 from data import world as W
-from data.formats import read_comparisons, read_prompts, read_sft, write_jsonl
+from data.formats import read_comparisons, read_prompts, read_sft, split_by_prompt, write_jsonl
 from engine import (RewardEnsemble, RewardModel, answers_too_long, encode_answers, generate_answers, left_pad,
                     load_model, pack_answers, prompt_too_long, score_texts)
 from evaluate import evaluate_best_of_n
@@ -225,10 +225,7 @@ def setup(cfg):
     run.comps, run.collect_stats = get_comparisons(policy, tok, cfg, run)
     run.collect_seconds = time.time() - t0
     # held out by prompt: every comparison of a held-out prompt text is held out (a prompt can recur)
-    prompts = sorted({c["prompt"] for c in run.comps})
-    held = set(random.Random(cfg.seed).sample(prompts, max(1, int(len(prompts) * cfg.val_fraction))))
-    run.val = [c for c in run.comps if c["prompt"] in held]
-    run.train_set = [c for c in run.comps if c["prompt"] not in held]
+    run.train_set, run.val = split_by_prompt(run.comps, cfg.val_fraction, cfg.seed)
     run.members = []
     for m in range(cfg.ensemble):  # each member: its own trunk copy, head init (seed + m) and data order
         torch.manual_seed(cfg.seed + m)

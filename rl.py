@@ -1,7 +1,8 @@
-"""What every step-3 method shares: the rollout, its scores, masked statistics and the KL penalty.
+"""What every step-3 method shares: the rollout, its scores, masked statistics, the KL penalty and the
+clipped surrogate.
 
-ppo.py imports these, and so does every newer method, so that they all sample, score and handle the
-end of an answer the same way. The numbered details are those of docs/RLHF_DETAILS.md.
+ppo.py imports these, and so do grpo.py and rejection.py, so that they all sample, score and handle the
+end of an answer the same way (a method that wants k answers per prompt repeats each prompt row k times). The numbered details are those of docs/RLHF_DETAILS.md.
 
 1. The rollout (detail 3): prompts are left-padded, answers sampled with the KV cache at temperature T
    (detail 2: every log-prob is then computed from logits / T); each answer stops at its first special
@@ -15,6 +16,8 @@ end of an answer the same way. The numbered details are those of docs/RLHF_DETAI
 3. The EOS trick (detail 5): an answer that never ends gets the fixed score `no_eos_score`.
 4. Masked means everywhere (detail 10): padding and after-EOS tokens never enter a statistic;
    whitening uses statistics over every rank's real tokens.
+5. The clipped surrogate (Schulman et al. 2017) is one function, `clipped_surrogate`, returning the
+   per-token loss: PPO takes its masked mean over the minibatch's tokens, grpo.py reduces it per answer.
 
 Shapes: B answers in the rollout, P prompt length (left-padded), N answer length (right-padded).
 """
@@ -59,6 +62,22 @@ def entropy_from_logits(logits, temperature=1.0):
     """Entropy of the distribution the tokens were sampled from: softmax(logits / temperature)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate objective per token, as a loss (Schulman et al. 2017, eq. 7):
+    max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) with rho = pi / pi_old = exp(logprobs - old_logprobs).
+    Every clipped step-3 method uses it; each reduces the per-token loss its own way. Returns (per-token
+    loss (B, N), stats: masked means of the ratio, approx_kl (the k3 estimator (rho - 1) - log rho, >= 0) and
+    the clip fraction)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+    with torch.no_grad():
+        stats = {"ratio": masked_mean(ratio, mask).item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_range).float(), mask).item()}
+    return loss, stats
 
 
 def kl_penalty(logprobs, ref_logprobs, beta):

@@ -31,9 +31,11 @@ Implementation details:
    notes, with a count and the lines, the demonstrations that lose the end of their answer.
 5. Writers are atomic (temp file + os.replace): an interrupted run never leaves a half-written file
    that a later stage would take for a complete one.
+5. `split_by_prompt` holds comparisons out by prompt text (reward.py and dpo.py share it).
 """
 import json
 import os
+import random
 
 
 class InputError(ValueError):
@@ -190,6 +192,15 @@ def read_comparisons(path, too_long=None, at_least=1):
     if len(rows) < at_least:
         raise InputError(f"{path}: {len(rows)} comparison(s), at least {at_least} are needed")
     return _fits(path, rows, too_long, "error")
+
+
+def split_by_prompt(comps, fraction, seed):
+    """(training, held-out) comparisons, held out by prompt text: a seeded sample of `fraction` of the
+    distinct prompts (at least one), every comparison of a held-out prompt held out (a prompt can recur).
+    reward.py and dpo.py both split with it, so the same seed and fraction give them the same pairs."""
+    prompts = sorted({c["prompt"] for c in comps})
+    held = set(random.Random(seed).sample(prompts, max(1, int(len(prompts) * fraction))))
+    return [c for c in comps if c["prompt"] not in held], [c for c in comps if c["prompt"] in held]
 
 
 def read_corpus(path):

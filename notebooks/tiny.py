@@ -10,7 +10,7 @@
    a small world (600K characters of corpus, its own 512-token BPE in tok.tiktoken), then pretrain.py,
    sft.py and reward.py through their own `train(Config(...))` with a 2-layer, 64-wide GPT on one CPU
    thread (for models this small a second thread only adds overhead, and one thread makes the runs
-   bitwise reproducible). It takes about a minute and all five notebooks share it. A stamp file holds the settings and a
+   bitwise reproducible). It takes about a minute and all six notebooks share it. A stamp file holds the settings and a
    hash of the scripts, so editing a script rebuilds the chain instead of reusing stale checkpoints.
 3. The environment variable RLHF_NOTEBOOKS=tiny forces the tiny chain (the test suite sets it so a
    test run never depends on what happens to be in runs/), =full insists on the pipeline's runs.

@@ -44,7 +44,7 @@ def notebook_env(tmp_path_factory):
 def test_committed_notebooks_come_from_one_clean_run():
     """The outputs a reader sees were produced top to bottom in one kernel: every code cell ran, in order
     (`python notebooks/execute.py` refreshes them), and none of them failed."""
-    assert len(NAMES) == 5, NAMES
+    assert len(NAMES) == 6, NAMES
     for name in NAMES:
         nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]

@@ -1,0 +1,202 @@
+"""Step 3 as supervised learning: rejection sampling fine-tuning (best-of-n, then SFT on the winners).
+
+    python rejection.py                           # one round: 800 prompts x 8 answers, SFT on the 800 best
+    python rejection.py --rounds=3 --prompts_per_round=300    # iterated, each round from the last one's model
+    python rejection.py --min_score=0.5           # keep a prompt's best answer only if its score beats 0.5
+
+Llama 2's first RLHF rounds (Touvron et al. 2023, sec. 3.2.3) at toy scale: sample n answers to each
+prompt from the current policy, let the reward model pick the best, fine-tune on the winners as if they
+were demonstrations. Best-of-n (evaluate.evaluate_best_of_n) gets the same selection at inference time
+by sampling n answers to every question; rejection sampling pays for it once, in training. Each round:
+
+    sample    -> n answers to each of prompts_per_round prompts (rl.rollout on every row repeated n times)
+    score     -> reward-model score, or no_eos_score for an answer that never ends (rl.score_rollout)
+    select    -> per prompt the highest-scoring answer (above min_score): runs/rejection/round_<r>/winners.jsonl
+    fine-tune -> sft.train on the winners, starting from the current policy (no second training loop)
+
+Implementation details:
+1. Sampling, scoring and the EOS trick are the online methods' (rl.rollout, rl.score_rollout): the
+   answers are sampled at temperature T with the KV cache, cut after <|end|>, and one that never ends
+   gets no_eos_score, so it can only win if every answer to its prompt failed to end (it is then
+   trained on without an <|end|>, like a demonstration marked "ended": false).
+2. Selection: argmax of the reward model's score among a prompt's n answers (ties: the first); a
+   winner must score above min_score (-inf keeps every prompt's best) and be non-empty. The rollout's
+   gold verdicts are logged for all answers and for the winners (the policy never sees them).
+3. Fine-tuning is sft.train with sft.Config(init_from=<the current policy>, train_data=<the winners>):
+   loss on answer tokens only, AdamW, warmup and cosine decay, gradient clipping (sft.py's details).
+4. Every round samples a fresh set of prompts (without replacement where the file is large enough).
+Deviations from Llama 2: one model size and one reward model (no separate safety reward model, no
+distillation from the largest model); each round keeps only its own winners (Llama 2 later pools the
+best answers of all earlier rounds); the sampling temperature is fixed; fine-tuning continues from
+the previous round's model. Defaults: docs/EXPERIMENTS.md.
+"""
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import sft
+from common import (config_dict, open_run, parse_config, pick_device, plot_metrics, read_jsonl, save_checkpoint,
+                    set_seed, write_json)
+from data.formats import read_prompts, write_jsonl
+from engine import load_model, load_reward_model
+from evaluate import compare_to_reference
+from rl import disable_dropout, rollout, score_rollout
+from tokenizer import get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = os.path.join(HERE, "data", "world")
+RUNS = os.path.join(HERE, "runs")
+
+
+@dataclass
+class Config:
+    sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the first round's policy, and the evaluation's reference
+    reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # picks the winners
+    reward: str = "rm"  # rm | gold (oracle mode: the gold judge of the embedded world picks)
+    prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # prompts to sample answers to
+    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # final evaluation (dev; compare.py passes test; "" = skip)
+    out_dir: str = os.path.join(RUNS, "rejection")  # round_<r>/ (winners, sft.py's run), ckpt, metrics, summary
+    rounds: int = 1  # sample -> select -> fine-tune cycles
+    prompts_per_round: int = 800  # prompts sampled each round
+    n: int = 8  # answers sampled per prompt
+    min_score: float = float("-inf")  # a prompt's best answer is kept only if its score beats this
+    temperature: float = 1.0  # sampling temperature
+    max_new_tokens: int = 48  # longest answer, in tokens
+    no_eos_score: float = -1.0  # score of an answer that never emits <|end|>
+    chunk: int = 32  # prompts per rollout call (each repeated n times)
+    epochs: int = 2  # sft.py epochs over each round's winners
+    batch_size: int = 32  # sft.py batch size
+    lr: float = 1e-4  # sft.py peak learning rate
+    min_lr: float = 1e-5  # sft.py cosine floor
+    warmup_steps: int = 5  # sft.py warmup
+    eval_samples: int = 8  # samples per held-out prompt in the final evaluation
+    seed: int = 1337  # seeds the prompts, the sampling, sft.py's data order and the evaluation samples
+    device: str = "auto"  # auto | cpu | cuda | mps
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = False  # skip the rounds already finished (their round_<r>/summary.json)
+
+
+# ----------------------------------------------------------------------------- the formula
+
+def select_best(scores, n, min_score=float("-inf")):
+    """Rejection sampling's choice: for each group of n consecutive scores, the index of the highest (the
+    first on ties), or None when even the best is not above min_score. scores (G * n,) -> G indices."""
+    best = scores.view(-1, n).max(dim=1)  # values (G,), indices (G,)
+    return [g * n + int(i) if v > min_score else None for g, (v, i) in enumerate(zip(best.values.tolist(), best.indices))]
+
+
+# ----------------------------------------------------------------------------- the steps of train()
+
+def sample_round(policy, ref, rm, tok, rows, cfg, device, gen):
+    """n answers to every row, scored (detail 1), in chunks of cfg.chunk prompts. Returns the answer
+    texts, endeds, scores (G * n,) and gold verdicts (None outside the embedded world)."""
+    texts, endeds, scores, judged = [], [], [], []
+    for b in range(0, len(rows), cfg.chunk):
+        ro = rollout(policy, ref, rm, tok, [r for r in rows[b:b + cfg.chunk] for _ in range(cfg.n)], cfg, device, gen)
+        s, _ = score_rollout(ro, cfg, gold_norm=(0.0, 1.0))  # gold only ranks here: no normalisation needed
+        texts += ro["texts"]
+        endeds += ro["ended"].tolist()
+        scores.append(s.cpu())
+        judged += ro["judged"]
+    return texts, endeds, torch.cat(scores), judged
+
+
+def select(rows, texts, endeds, scores, judged, cfg):
+    """The winners as sft.py demonstrations, and the round's statistics (all answers vs winners)."""
+    picks = [i for i in select_best(scores, cfg.n, cfg.min_score) if i is not None and texts[i].strip()]
+    winners = [{"prompt": rows[i // cfg.n]["prompt"], "response": texts[i], "ended": endeds[i]} for i in picks]
+    stats = {"answers": len(texts), "kept": len(winners), "score_all": scores.mean().item(),
+             "score_winners": scores[picks].mean().item() if picks else None}
+    if judged and judged[0] is not None:
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        stats |= {"gold_all": mean([j["score"] for j in judged]), "gold_pass_all": mean([j["pass"] for j in judged]),
+                  "gold_winners": mean([judged[i]["score"] for i in picks]),
+                  "gold_pass_winners": mean([judged[i]["pass"] for i in picks])}
+    return winners, stats
+
+
+def fine_tune(cfg, init_from, winners_path, round_dir):
+    """sft.train on the winners from the current policy (detail 3): the same loop as step 1."""
+    sft.train(sft.Config(init_from=init_from, train_data=winners_path, val_data="", prompts="", eval_base=False,
+                                out_dir=round_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed, device=cfg.device, threads=cfg.threads))
+
+
+def train(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device).device
+    if cfg.reward not in ("rm", "gold") or cfg.n < 1 or cfg.rounds < 1:
+        raise SystemExit(f"error: --reward must be rm or gold (got {cfg.reward!r}); --n={cfg.n} and "
+                         f"--rounds={cfg.rounds} must be at least 1")
+    ref, ckpt = load_model(cfg.sft, device)
+    tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
+    disable_dropout(ref).eval().requires_grad_(False)
+    rm = disable_dropout(load_reward_model(cfg.reward_model, device)[0]).eval().requires_grad_(False)
+    all_rows = read_prompts(cfg.prompts)
+    if cfg.reward == "gold" and not all(r.get("world") for r in all_rows):
+        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = open_run(cfg, True, f"{cfg.rounds} round(s) of {cfg.prompts_per_round} prompts x n={cfg.n} answers")
+    current, t_start = cfg.sft, time.time()
+    for r in range(cfg.rounds):
+        round_dir = os.path.join(cfg.out_dir, f"round_{r}")
+        if cfg.resume and os.path.exists(os.path.join(round_dir, "summary.json")):
+            current = os.path.join(round_dir, "ckpt.pt")
+            print(f"round {r}: done already ({round_dir})")
+            continue
+        policy = disable_dropout(load_model(current, device)[0])
+        rng = random.Random(cfg.seed + r)
+        m = cfg.prompts_per_round
+        rows = rng.sample(all_rows, m) if m <= len(all_rows) else [rng.choice(all_rows) for _ in range(m)]
+        t0 = time.time()
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * r)
+        texts, endeds, scores, judged = sample_round(policy, ref, rm, tok, rows, cfg, device, gen)
+        winners, stats = select(rows, texts, endeds, scores, judged, cfg)
+        t1 = time.time()
+        if not winners:
+            raise SystemExit(f"error: round {r}: no answer scored above --min_score={cfg.min_score}")
+        os.makedirs(round_dir, exist_ok=True)
+        write_jsonl(os.path.join(round_dir, "winners.jsonl"), winners)
+        fine_tune(cfg, current, os.path.join(round_dir, "winners.jsonl"), round_dir)
+        current = os.path.join(round_dir, "ckpt.pt")
+        row = {"round": r + 1, **stats, "sample_seconds": t1 - t0, "sft_seconds": time.time() - t1}
+        metrics.log(**row)
+        print(f"round {r + 1}/{cfg.rounds} | kept {stats['kept']}/{len(rows)} | score {stats['score_all']:+.3f} -> winners "
+              f"{stats['score_winners']:+.3f} | gold {stats.get('gold_all', math.nan):.3f} -> {stats.get('gold_winners', math.nan):.3f} "
+              f"| {row['sample_seconds']:.0f}+{row['sft_seconds']:.0f}s")
+    return finish(cfg, current, ref, tok, device, t_start)
+
+
+def finish(cfg, current, ref, tok, device, t_start):
+    """The final policy as out_dir/ckpt.pt; summary.json with the budget and the evaluation against SFT; plot."""
+    policy, ckpt = load_model(current, device)
+    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {"model": policy.state_dict(), "model_config": ckpt["model_config"],
+                                                           "config": config_dict(cfg), "tokenizer": tok.name})
+    rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    answers = cfg.rounds * cfg.prompts_per_round * cfg.n
+    summary = {"method": "rejection", "rounds": cfg.rounds, "train_seconds": round(time.time() - t_start, 1),
+               "sample_seconds": round(sum(r["sample_seconds"] for r in rows), 1),
+               "sft_seconds": round(sum(r["sft_seconds"] for r in rows), 1), "answers_generated": answers,
+               "rm_calls": answers if cfg.reward == "rm" else 0, "winners": [r["kept"] for r in rows]}
+    t_eval = time.time()
+    if cfg.eval_prompts:
+        eval_rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
+        summary |= compare_to_reference(policy, ref, tok, eval_rows, cfg.eval_samples, cfg.temperature, device,
+                                        cfg.max_new_tokens, seed=cfg.seed)
+    summary["eval_seconds"] = round(time.time() - t_eval, 1)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
+                 ["score_all", "score_winners", "gold_all", "gold_winners", "gold_pass_all", "gold_pass_winners", "kept"],
+                 x="round", title="rejection sampling")
+    return policy, summary
+
+
+if __name__ == "__main__":
+    train(parse_config(Config))
