@@ -59,11 +59,11 @@ def base_args(script, world, runs, out):
         return pretrain_args(world, out)
     if script == "sft":
         return [f"--init_from={runs.pretrain}/ckpt.pt", f"--train_data={world.sft_train}",
-                f"--val_data={world.sft_val}", f"--prompts={world.prompts_eval}", f"--out_dir={out}", "--epochs=2",
+                f"--val_data={world.sft_val}", f"--prompts={world.prompts_dev}", f"--out_dir={out}", "--epochs=2",
                 "--batch_size=16", "--eval_samples=2", f"--max_new_tokens={MAX_NEW_TOKENS}"]
     if script == "reward":
         return [f"--init_from={runs.sft}/ckpt.pt", f"--label_prompts={world.prompts_label}",
-                f"--demonstrations={world.sft_train}", f"--eval_prompts={world.prompts_eval}",
+                f"--demonstrations={world.sft_train}", f"--eval_prompts={world.prompts_dev}",
                 f"--world_dir={world.dir}", f"--out_dir={out}", "--k=4", "--double_label=20", "--epochs=2",
                 "--batch_size=8", "--best_of=4", f"--max_new_tokens={MAX_NEW_TOKENS}"]
     if script == "ppo":
@@ -517,7 +517,7 @@ def test_pretrain_resume_after_a_kill_equals_the_uninterrupted_run(tiny_world, t
 def test_sft_resume_after_kills_in_training_and_in_the_final_evaluation(tiny_world, runs, tmp_path, monkeypatch):
     import sft
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(jsonl(*read_prompts(tiny_world.prompts_eval)[:3]))
+    prompts.write_text(jsonl(*read_prompts(tiny_world.prompts_dev)[:3]))
 
     def cfg(out, resume=False):
         return sft.Config(init_from=f"{runs.pretrain}/ckpt.pt", train_data=tiny_world.sft_train,
