@@ -50,6 +50,7 @@ class Rule:
     """One condition on a Config field, declared next to it: `batch_size: Annotated[int, at_least(1)] = 32`."""
     holds: object  # (value, world size) -> bool
     says: str  # what a good value is, for the error line: "at least 1"
+    infinite_ok: bool = False  # a float field that may be -inf or inf (check_config refuses them otherwise)
 
 
 def at_least(lo):
@@ -76,6 +77,11 @@ def folder():
             path = os.path.dirname(path)
         return os.path.isdir(path)
     return Rule(holds, "a folder, or a path where one can be made (this names a file)")
+
+
+def or_infinite():
+    """A float threshold that may also be -inf or inf (a filter that is off at infinity); nan is still refused."""
+    return Rule(lambda v, world: True, "a number, -inf or inf", infinite_ok=True)
 
 
 def one_of(*choices):
@@ -124,14 +130,23 @@ def _convert(name, text, kind):
 
 def check_config(cfg, world=1):
     """Every field against its declared rules, defaults and overrides alike (world: the number of processes,
-    known once torchrun's are up); floats must be finite. Returns cfg."""
+    known once torchrun's are up); floats must be finite, except -inf / inf where a field declares
+    or_infinite(). Returns cfg."""
     for name, (kind, rules) in _fields(type(cfg)).items():
         value = getattr(cfg, name)
-        if kind is float and not math.isfinite(value):
+        if kind is float and not math.isfinite(value) and not (math.isinf(value) and any(r.infinite_ok for r in rules)):
             raise option_error(name, value, "must be a finite number")
         if not all(rule.holds(value, world) for rule in rules):
             raise option_error(name, value, "must be " + " and ".join(r.says.format(world=world) for r in rules))
     return cfg
+
+
+def one_process(script):
+    """The number of processes (1) of a script written for one process, or a one-line error under torchrun
+    (N copies of it would write the same --out_dir)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"error: {script} runs in one process: start it with python, not torchrun")
+    return 1
 
 
 def parse_config(config_cls, argv=None):

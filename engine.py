@@ -5,7 +5,8 @@ every stage pads, samples, scores and loads the same way:
 
 1. Padding: prompts are LEFT-padded so that every answer starts in the same column (position ids come
    from the attention mask, model.py, N implementation details #3); `pack` puts left-padded prompts
-   and right-padded answers side by side, and `last_token_index` finds each row's last real token.
+   and right-padded answers side by side, `last_token_index` finds each row's last real token, and
+   `sequence_logprobs` gives each answer's log pi(y|x) after its prompt (DPO's).
 2. Sampling: `generate_answers` samples n answers per prompt through the chat template with the KV
    cache. An answer stops at the first special token it produces, and it "ended" if that token is
    <|end|> (within max_new_tokens): so the text the judge reads (everything before the first special
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from common import load_checkpoint
-from model import GPT, HF_GPT2_NAMES, CausalSelfAttention, GPTConfig, KVCache
+from model import GPT, HF_GPT2_NAMES, CausalSelfAttention, GPTConfig, KVCache, token_logprobs
 
 
 # ----------------------------------------------------------------------------- padding and masks
@@ -80,6 +81,13 @@ def last_token_index(attention_mask):
 
 def last_token_score(values, attention_mask):
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+
+
+def sequence_logprobs(model, prompts, answers, pad_id, device):
+    """log pi(y|x) = sum over the answer's tokens of log pi(y_t | x, y_<t) for token-id lists: (S,)."""
+    seq, mask, P, resp, rmask = pack(prompts, answers, pad_id)
+    logits = model(seq.to(device), attention_mask=mask.to(device))[0][:, P - 1:-1]  # (S, N, V)
+    return (token_logprobs(logits, resp.to(device)) * rmask.to(device)).sum(1)
 
 
 # ----------------------------------------------------------------------------- sampling

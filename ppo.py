@@ -61,12 +61,12 @@ from common import (above, all_gather_object, at_least, at_most, check_config, c
                     ddp_wrap, folder, get_batch, load_state, one_of, open_run, option_error, per_rank, pick_device,
                     plot_metrics, read_jsonl, reduce_stats, resume_checkpoint, rng_state, run_command, save_checkpoint,
                     set_rng_state, set_seed, write_json)
-from data.formats import read_prompts
-from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model, prompt_too_long
+from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model
 from evaluate import compare_to_reference
 from model import token_logprobs
-from rl import (clipped_surrogate, disable_dropout, entropy_from_logits, global_masked_mean, kl_penalty, masked_mean,
-                masked_whiten, rollout, score_rollout)
+from rl import (clipped_surrogate, disable_dropout, entropy_from_logits, epoch_orders, global_masked_mean, kl_penalty,
+                masked_mean, masked_whiten, read_prompt_files, rollout, score_rollout, set_stream_state, stream_state,
+                training_summary)
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -213,17 +213,6 @@ def load_ptx_tokens(cfg, model_config):
     return None
 
 
-def read_prompt_files(cfg, tok, block_size):
-    """The rollout prompts and the held-out prompts of the world. A prompt too long to answer within the
-    context is dropped at load time, with a count and its line numbers: it cannot be answered at all, and
-    a few long prompts in a public dataset should not stop a run (all of them dropped is an error)."""
-    rows, eval_rows = [read_prompts(path, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block_size))
-                       if path else [] for path in (cfg.prompts, cfg.eval_prompts)]
-    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
-        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
-    return rows, [r for r in eval_rows if r.get("world")]
-
-
 def setup(cfg):
     """Options and inputs checked; the four models, the optimizer, the prompts, the random streams, restored
     on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
@@ -274,8 +263,7 @@ def restore(run, ckpt):
     streams = ckpt.get("rank_streams") or [ckpt]  # one per rank of the saved run (rank 0's also at top level)
     if run.rank < len(streams):  # a rank the saved run did not have keeps its fresh seeds
         mine = streams[run.rank]
-        run.gen.set_state(mine["gen_state"])
-        run.prompt_rng.setstate((3, tuple(mine["prompt_rng"]), None))
+        set_stream_state(run.gen, run.prompt_rng, mine)
         run.ptx_gen.set_state(mine.get("ptx_gen", run.ptx_gen.get_state()))  # PPO-ptx's batches (older: absent)
     run.it, run.beta, run.gold_norm = ckpt["iteration"], ckpt["beta"], ckpt.get("gold_norm")
     print(f"resumed from {run.ckpt_path} at iteration {run.it}")
@@ -369,8 +357,7 @@ def log_iteration(run, cfg, ro, scores, batch, stats, seconds):
 
 def save(run, cfg, finished=False):
     # every rank's random streams (a collective: all ranks call save()): a --resume continues each rank's own
-    streams = all_gather_object({"gen_state": run.gen.get_state(), "prompt_rng": list(run.prompt_rng.getstate()[1]),
-                                 "ptx_gen": run.ptx_gen.get_state()})
+    streams = all_gather_object(stream_state(run.gen, run.prompt_rng) | {"ptx_gen": run.ptx_gen.get_state()})
     if run.master:
         save_checkpoint(run.ckpt_path, {
             "stage": "ppo", "finished": finished, "model": run.policy.state_dict(),
@@ -395,10 +382,7 @@ def finish(run, cfg, ptx_before, t_start):
     """summary.json: KL at the end of training, the alignment tax, the held-out evaluation against SFT; plots."""
     summary = {"iterations": run.it, "train_seconds": round(time.time() - t_start, 1), "final_beta": run.beta,
                "reward": cfg.reward}
-    rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    summary |= {"rollout_seconds": round(sum(r["rollout_seconds"] for r in rows), 1),
-                "update_seconds": round(sum(r["update_seconds"] for r in rows), 1)}
-    summary["kl_to_ref_train"] = sum(r["kl_to_ref"] for r in rows[-5:]) / len(rows[-5:]) if rows else None
+    summary |= training_summary(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
     t_eval = time.time()
     ptx_after = heldout_ptx_loss(run.policy, run.ptx, run.device)
     if ptx_before is not None:
@@ -426,8 +410,7 @@ def train(cfg):
         ro = rollout(run.policy, run.ref, run.rm, run.tok, rows, cfg, run.device, run.gen)
         t_rollout = time.time() - t0
         scores, run.gold_norm = score_rollout(ro, cfg, run.gold_norm)
-        perms = [torch.randperm(run.local_batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * run.it + e))
-                 for e in range(cfg.ppo_epochs)]
+        perms = epoch_orders(run.local_batch, cfg.ppo_epochs, cfg.seed, run.it)
         batch = advantages(run, cfg, ro, scores, perms[0])
         t1 = time.time()
         stats = update(run, cfg, ro, batch, perms)

@@ -1,8 +1,10 @@
-"""What every step-3 method shares: the rollout, its scores, masked statistics, the KL penalty and the
-clipped surrogate.
+"""What every step-3 method shares: the prompts, the rollout, its scores, masked statistics, the KL penalty,
+the clipped surrogate and the final evaluation.
 
-ppo.py imports these, and so do grpo.py and rejection.py, so that they all sample, score and handle the
-end of an answer the same way (a method that wants k answers per prompt repeats each prompt row k times). The numbered details are those of docs/RLHF_DETAILS.md.
+ppo.py imports these, and so do grpo.py, rejection.py and dpo.py (its frozen reference and final evaluation),
+so that they all read prompts, sample, score, handle the end of an answer and evaluate the same way (a
+method that wants k answers per prompt repeats each prompt row k times). The numbered details are those
+of docs/RLHF_DETAILS.md.
 
 1. The rollout (detail 3): prompts are left-padded, answers sampled with the KV cache at temperature T
    (detail 2: every log-prob is then computed from logits / T); each answer stops at its first special
@@ -18,17 +20,52 @@ end of an answer the same way (a method that wants k answers per prompt repeats 
    whitening uses statistics over every rank's real tokens.
 5. The clipped surrogate (Schulman et al. 2017) is one function, `clipped_surrogate`, returning the
    per-token loss: PPO takes its masked mean over the minibatch's tokens, grpo.py reduces it per answer.
+6. The prompts (`read_prompt_files`): rollout and held-out prompt rows, read and checked before a run
+   writes anything; a prompt too long to answer within the context is dropped with a count. The gold
+   judge reads a row's "world" field (data.world.judge_row): held-out rows without one are not
+   evaluated, and oracle mode (reward "gold") needs it on every rollout prompt. The trained policy's
+   final evaluation against SFT is evaluate.compare_to_reference for every method (`final_evaluation`).
+7. --resume: a rollout's own random streams (`stream_state`), and the minibatch order seeded by
+   (seed, iteration, epoch) (`epoch_orders`), so an iteration draws the same after a resume.
 
 Shapes: B answers in the rollout, P prompt length (left-padded), N answer length (right-padded).
 """
 import math
+import time
 
 import torch
 
 from common import all_reduce_sum
 from data import world as W
-from engine import RewardEnsemble, encode_answers, left_pad, set_dropout
+from data.formats import read_prompts
+from engine import RewardEnsemble, encode_answers, left_pad, prompt_too_long, set_dropout
+from evaluate import compare_to_reference
 from model import token_logprobs
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def read_prompt_files(cfg, tok, block_size):
+    """The rollout prompts (cfg.prompts) and the held-out prompts of the world (cfg.eval_prompts, "" = none).
+    A prompt too long to answer within the context is dropped at load time, with a count and its line
+    numbers: it cannot be answered at all, and a few long prompts in a public dataset should not stop a
+    run (all of them dropped is an error). The gold judge reads each row's "world" field."""
+    rows, eval_rows = [read_prompts(path, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block_size))
+                       if path else [] for path in (cfg.prompts, cfg.eval_prompts)]
+    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
+        raise SystemExit(f'error: --reward=gold needs a gold record (the "world" field the gold judge reads) on '
+                         f'every prompt of {cfg.prompts}')
+    return rows, [r for r in eval_rows if r.get("world")]
+
+
+def final_evaluation(policy, ref, tok, eval_rows, cfg, device):
+    """Every step-3 method's last word: evaluate.compare_to_reference of the trained policy against the
+    reference (SFT) on the held-out rows ({} without any), cfg.eval_samples answers per prompt at
+    cfg.temperature from cfg.seed, and the seconds it took (eval_seconds)."""
+    t0 = time.time()
+    out = compare_to_reference(policy, ref, tok, eval_rows, cfg.eval_samples, cfg.temperature, device,
+                               cfg.max_new_tokens, seed=cfg.seed) if eval_rows else {}
+    return out | {"eval_seconds": round(time.time() - t0, 1)}
 
 
 # ----------------------------------------------------------------------------- masked statistics
@@ -91,6 +128,18 @@ def disable_dropout(model):
     return set_dropout(model, 0.0)
 
 
+def frozen(model):
+    """A model that only scores (the reference, the reward model): dropout off, eval mode, no gradients."""
+    return disable_dropout(model).eval().requires_grad_(False)
+
+
+def answer_logprobs(policy, ro, rows, temperature):
+    """The policy's logits and log-probs (at the sampling temperature, detail 2) of the answer tokens of
+    rollout rows `rows` (an index tensor): (B, N, V), (B, N)."""
+    logits = policy(ro["seq"][rows], attention_mask=ro["mask"][rows])[0][:, ro["P"] - 1:-1]
+    return logits, token_logprobs(logits, ro["resp"][rows], temperature)
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
@@ -128,6 +177,41 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     return {"seq": seq, "mask": mask, "P": P, "resp": resp, "resp_mask": resp_mask, "ended": ended,
             "raw_scores": scores, "disagreement": disagreement, "ref_logprobs": ref_logprobs, "texts": texts,
             "judged": judged}
+
+
+def stream_state(gen, prompt_rng):
+    """A rollout's own random streams (the answers' sampling generator, the prompt choice), for a checkpoint."""
+    return {"gen_state": gen.get_state(), "prompt_rng": list(prompt_rng.getstate()[1])}
+
+
+def set_stream_state(gen, prompt_rng, state):
+    """--resume: the streams of stream_state back in place."""
+    gen.set_state(state["gen_state"])
+    prompt_rng.setstate((3, tuple(state["prompt_rng"]), None))
+
+
+def epoch_orders(n, epochs, seed, iteration):
+    """One permutation of the n rollout rows per epoch of updates, seeded by (seed, iteration, epoch): the
+    minibatches of an iteration are the same after a --resume without a saved stream."""
+    return [torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * iteration + e))
+            for e in range(epochs)]
+
+
+def gold_means(judged):
+    """The gold judge's mean score and pass rate of the judged answers (None entries: rows without a world
+    record); {} when none was judged."""
+    judged = [j for j in judged if j]
+    if not judged:
+        return {}
+    return {"gold": sum(j["score"] for j in judged) / len(judged), "gold_pass": sum(j["pass"] for j in judged) / len(judged)}
+
+
+def training_summary(rows):
+    """From an online method's metrics rows: the seconds spent sampling and updating, and the KL to the
+    reference over the last 5 iterations (the KL at the end of training)."""
+    return {"rollout_seconds": round(sum(r["rollout_seconds"] for r in rows), 1),
+            "update_seconds": round(sum(r["update_seconds"] for r in rows), 1),
+            "kl_to_ref_train": sum(r["kl_to_ref"] for r in rows[-5:]) / len(rows[-5:]) if rows else None}
 
 
 def score_rollout(ro, cfg, gold_norm=None):
