@@ -41,6 +41,8 @@ Implementation details (numbers in brackets: docs/RLHF_DETAILS.md):
     With ppo_epochs=1 and minibatch = the whole rollout (RLOO's default) the ratio is always 1, the clip
     never acts and the update is plain REINFORCE with the leave-one-out baseline.
  6. Masked means over real answer tokens [10]; gradient clipping; Adam with a small learning rate [11].
+ 7. Options and inputs are checked before anything is written (a prompt too long for the context is dropped,
+    with a count); --resume is exact and refuses another stage's checkpoint or a finished run, as ppo.py's.
 Deviations: k = 4 answers per prompt (DeepSeekMath: 64; Ahmadian et al.: 2 to 4) so that a rollout
 holds as many answers as ppo.py's; the reward is a learned reward model, not a verifier (Dr. GRPO also
 drops the KL term, which a learned reward needs); one process (no torchrun); the oracle mode
@@ -52,16 +54,17 @@ import random
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from common import (config_dict, load_checkpoint, open_run, parse_config, pick_device, plot_metrics, read_jsonl,
-                    rng_state, save_checkpoint, set_rng_state, set_seed, write_json)
-from data.formats import read_prompts
+from common import (above, at_least, check_config, config_dict, folder, load_state, one_of, one_process, open_run,
+                    option_error, pick_device, plot_metrics, read_jsonl, resume_checkpoint, rng_state, run_command,
+                    save_checkpoint, set_rng_state, set_seed, write_json)
 from engine import load_model, load_reward_model
-from evaluate import compare_to_reference
-from model import token_logprobs
-from rl import clipped_surrogate, disable_dropout, entropy_from_logits, kl_penalty, masked_mean, rollout, score_rollout
+from rl import (answer_logprobs, clipped_surrogate, disable_dropout, entropy_from_logits, epoch_orders,
+                final_evaluation, frozen, gold_means, kl_penalty, masked_mean, read_prompt_files, rollout,
+                score_rollout, set_stream_state, stream_state, training_summary)
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,30 +76,37 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # policy init and frozen reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # frozen RM
-    reward: str = "rm"  # rm | gold (oracle mode: the gold judge of the embedded world is the reward)
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge is the reward
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (dev; compare.py passes test; "" = skip)
-    out_dir: str = os.path.join(RUNS, "grpo")  # checkpoint, metrics, summary, plot
-    estimator: str = "grpo"  # rloo | grpo | drgrpo: the advantage from a group of k rewards (detail 2)
-    kl: str = "reward"  # reward (-beta * KL in each answer's reward) | loss (GRPO's k3 term in the loss)
-    iterations: int = 100  # rollout + update cycles
-    prompts_per_iter: int = 16  # prompts per rollout, each answered k times
-    k: int = 4  # answers per prompt (the group; at least 2)
-    minibatch: int = 16  # answers per gradient step
-    ppo_epochs: int = 4  # passes over each rollout (1 with minibatch = the rollout: plain REINFORCE)
-    temperature: float = 1.0  # sampling temperature, also used for every log-prob
-    max_new_tokens: int = 48  # longest answer, in tokens (also Dr. GRPO's constant normaliser)
-    lr: float = 3e-5  # policy learning rate
-    beta: float = 0.15  # KL coefficient (per answer with --kl=reward, per token with --kl=loss)
-    clip_range: float = 0.2  # PPO ratio clip
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "grpo")  # checkpoint, metrics, summary, plot
+    estimator: Annotated[str, one_of("rloo", "grpo", "drgrpo")] = "grpo"  # the advantage from k rewards (detail 2)
+    kl: Annotated[str, one_of("reward", "loss")] = "reward"  # in each answer's reward (as PPO) | GRPO's k3 in the loss
+    iterations: Annotated[int, at_least(1)] = 100  # rollout + update cycles
+    prompts_per_iter: Annotated[int, at_least(1)] = 16  # prompts per rollout, each answered k times
+    k: Annotated[int, at_least(2)] = 4  # answers per prompt (the group)
+    minibatch: Annotated[int, at_least(1)] = 16  # answers per gradient step
+    ppo_epochs: Annotated[int, at_least(1)] = 4  # passes over each rollout (1 with minibatch = the rollout: REINFORCE)
+    temperature: Annotated[float, above(0)] = 1.0  # sampling temperature, also used for every log-prob
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer, in tokens (also Dr. GRPO's constant normaliser)
+    lr: Annotated[float, at_least(0)] = 3e-5  # policy learning rate
+    beta: Annotated[float, at_least(0)] = 0.15  # KL coefficient (per answer with --kl=reward, per token with --kl=loss)
+    clip_range: Annotated[float, above(0)] = 0.2  # PPO ratio clip
     no_eos_score: float = -1.0  # score of an answer that never emits <|end|>
-    grad_clip: float = 1.0  # max gradient norm
-    eval_samples: int = 8  # samples per held-out prompt in the final evaluation
-    save_interval: int = 10  # iterations between checkpoints
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max gradient norm (0 = off)
+    eval_samples: Annotated[int, at_least(1)] = 8  # samples per held-out prompt in the final evaluation
+    save_interval: Annotated[int, at_least(1)] = 10  # iterations between checkpoints
     seed: int = 1337  # seeds the rollouts, the minibatch order and the evaluation samples
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+def check(cfg, world):
+    """The rules that tie options together (each option's own range is declared in Config)."""
+    if (check_config(cfg, world).prompts_per_iter * cfg.k) % cfg.minibatch:
+        raise option_error("minibatch", cfg.minibatch,
+                           f"must divide the rollout's --prompts_per_iter x --k = {cfg.prompts_per_iter * cfg.k} answers")
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -149,49 +159,34 @@ def policy_loss(per_token, mask, estimator, max_new_tokens):
 # ----------------------------------------------------------------------------- the steps of train()
 
 def setup(cfg):
-    """The three models, the optimizer, the prompts and the random streams, restored on --resume."""
+    """Options and inputs checked; the three models, the optimizer, the prompts and the random streams, restored
+    on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
+    check(cfg, one_process("grpo.py"))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = pick_device(cfg.device).device
-    if cfg.estimator not in ESTIMATORS or cfg.kl not in ("reward", "loss") or cfg.reward not in ("rm", "gold"):
-        raise SystemExit(f"error: --estimator must be one of {', '.join(ESTIMATORS)} (got {cfg.estimator!r}), "
-                         f"--kl reward or loss (got {cfg.kl!r}), --reward rm or gold (got {cfg.reward!r})")
-    if cfg.k < 2 or (cfg.prompts_per_iter * cfg.k) % cfg.minibatch:
-        raise SystemExit(f"error: --k={cfg.k} must be at least 2 and --prompts_per_iter x --k "
-                         f"({cfg.prompts_per_iter * cfg.k}) a multiple of --minibatch={cfg.minibatch}")
     policy, sft_ckpt = load_model(cfg.sft, device)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = load_reward_model(cfg.reward_model, device)[0].eval().requires_grad_(False)
-    for m in (policy, ref, rm):
-        disable_dropout(m)
-    rows = read_prompts(cfg.prompts)
-    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
-        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
+    tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
+    rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
+    rows, eval_rows = read_prompt_files(cfg, tok, min(policy.config.block_size, rm.gpt.config.block_size))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = resume_checkpoint(ckpt_path, "grpo", "iteration", cfg.iterations) if cfg.resume else None
     run = types.SimpleNamespace(
-        device=device, tok=get_tokenizer(sft_ckpt.get("tokenizer", "embedded")), policy=policy, ref=ref, rm=rm,
-        rows=rows, optimizer=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5), it=0, gold_norm=None,
-        batch=cfg.prompts_per_iter * cfg.k, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
+        device=device, tok=tok, policy=disable_dropout(policy), ref=frozen(copy.deepcopy(policy)), rm=rm, rows=rows,
+        eval_rows=eval_rows, optimizer=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5), it=0,
+        gold_norm=None, batch=cfg.prompts_per_iter * cfg.k, ckpt_path=ckpt_path,
         gen=torch.Generator(device=device).manual_seed(cfg.seed), prompt_rng=random.Random(cfg.seed))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.resume:
-        ckpt = load_checkpoint(run.ckpt_path)
-        policy.load_state_dict(ckpt["model"])
+    if ckpt is not None:  # the weights, the optimizer and every random stream of the checkpoint
+        load_state(policy, ckpt["model"], ckpt_path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        run.gen.set_state(ckpt["gen_state"])
-        run.prompt_rng.setstate((3, tuple(ckpt["prompt_rng"]), None))
-        run.it, run.gold_norm = ckpt["iteration"], ckpt.get("gold_norm")
-        print(f"resumed from {run.ckpt_path} at iteration {run.it}")
+        set_stream_state(run.gen, run.prompt_rng, ckpt)
+        run.it, run.gold_norm = ckpt["iteration"], ckpt["gold_norm"]
+        print(f"resumed from {ckpt_path} at iteration {run.it}")
     run.metrics = open_run(cfg, True, f"{cfg.estimator}: {cfg.prompts_per_iter} prompts x k={cfg.k} answers "
-                                      f"per iteration, KL in the {cfg.kl}")
+                                      f"per iteration, KL in the {cfg.kl}", resumed=("iteration", run.it))
     return run
-
-
-def answer_logprobs(run, cfg, ro, mb):
-    """The policy's logits and log-probs of the answer tokens of rollout rows mb: (B, N, V), (B, N)."""
-    logits = run.policy(ro["seq"][mb], attention_mask=ro["mask"][mb])[0][:, ro["P"] - 1:-1]
-    return logits, token_logprobs(logits, ro["resp"][mb], cfg.temperature)
 
 
 def advantages(run, cfg, ro, scores, first_epoch):
@@ -201,7 +196,7 @@ def advantages(run, cfg, ro, scores, first_epoch):
     old_logprobs = torch.zeros_like(rmask)
     with torch.no_grad():
         for mb in first_epoch.split(cfg.minibatch):
-            old_logprobs[mb] = answer_logprobs(run, cfg, ro, mb)[1]
+            old_logprobs[mb] = answer_logprobs(run.policy, ro, mb, cfg.temperature)[1]
     beta = cfg.beta if cfg.kl == "reward" else 0.0
     rewards = sequence_rewards(scores, old_logprobs, ro["ref_logprobs"], rmask, beta)  # (B,)
     group_std = rewards.view(-1, cfg.k).std(1)  # (G,)
@@ -216,7 +211,7 @@ def update(run, cfg, ro, batch, perms):
     run.policy.train()
     for perm in perms:
         for mb in perm.split(cfg.minibatch):
-            logits, logprobs = answer_logprobs(run, cfg, ro, mb)
+            logits, logprobs = answer_logprobs(run.policy, ro, mb, cfg.temperature)
             rmask = batch["mask"][mb]
             adv = batch["advantages"][mb, None].expand_as(logprobs)  # the answer's advantage on each of its tokens
             per_token, st = clipped_surrogate(logprobs, batch["logprobs"][mb], adv, rmask, cfg.clip_range)
@@ -239,17 +234,13 @@ def update(run, cfg, ro, batch, perms):
 def log_iteration(run, cfg, ro, scores, batch, stats, seconds):
     """The iteration's diagnostics as one metrics row and one printed line."""
     rmask = batch["mask"]
-    judged = [j for j in ro["judged"] if j]
     row = {"iteration": run.it, "reward": batch["rewards"].mean().item(), "score": scores.mean().item(),
            "rm_score": ro["raw_scores"].mean().item(),
            "kl_to_ref": ((batch["logprobs"] - ro["ref_logprobs"]) * rmask).sum(1).mean().item(),
            "answer_length": rmask.sum(1).mean().item(), "eos_rate": ro["ended"].float().mean().item(),
            "group_std": batch["group_std"], "zero_std_groups": batch["zero_std_groups"],
            "first_ratio": stats[0]["ratio"], "first_approx_kl": stats[0]["approx_kl"]}
-    row |= {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]} | seconds
-    if judged:
-        row["gold"] = sum(j["score"] for j in judged) / len(judged)
-        row["gold_pass"] = sum(j["pass"] for j in judged) / len(judged)
+    row |= {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]} | seconds | gold_means(ro["judged"])
     print(f"iter {run.it:4d} | reward {row['reward']:+.3f} | gold {row.get('gold', float('nan')):.3f} "
           f"pass {row.get('gold_pass', float('nan')):.2f} | kl {row['kl_to_ref']:.3f} | approx_kl {row['approx_kl']:.4f} "
           f"| clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f} | len {row['answer_length']:.1f} | "
@@ -257,28 +248,20 @@ def log_iteration(run, cfg, ro, scores, batch, stats, seconds):
     return row
 
 
-def save(run, cfg):
+def save(run, cfg, finished=False):
     save_checkpoint(run.ckpt_path, {
-        "model": run.policy.state_dict(), "model_config": config_dict(run.policy.config), "config": config_dict(cfg),
-        "tokenizer": run.tok.name, "iteration": run.it, "gold_norm": run.gold_norm,
-        "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "gen_state": run.gen.get_state(),
-        "prompt_rng": list(run.prompt_rng.getstate()[1])})
+        "stage": "grpo", "finished": finished, "model": run.policy.state_dict(),
+        "model_config": config_dict(run.policy.config), "config": config_dict(cfg), "tokenizer": run.tok.name,
+        "iteration": run.it, "gold_norm": run.gold_norm, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+        **stream_state(run.gen, run.prompt_rng)})
 
 
 def finish(run, cfg, t_start):
     """summary.json: the budget spent, the KL at the end of training, the held-out evaluation against SFT; plot."""
-    rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
     summary = {"method": cfg.estimator, "kl": cfg.kl, "iterations": run.it, "train_seconds": round(time.time() - t_start, 1),
-               "rollout_seconds": round(sum(r["rollout_seconds"] for r in rows), 1),
-               "update_seconds": round(sum(r["update_seconds"] for r in rows), 1),
-               "answers_generated": run.it * run.batch, "rm_calls": run.it * run.batch if cfg.reward == "rm" else 0,
-               "kl_to_ref_train": sum(r["kl_to_ref"] for r in rows[-5:]) / len(rows[-5:]) if rows else None}
-    t_eval = time.time()
-    if cfg.eval_prompts:
-        eval_rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
-        summary |= compare_to_reference(run.policy, run.ref, run.tok, eval_rows, cfg.eval_samples, cfg.temperature,
-                                        run.device, cfg.max_new_tokens, seed=cfg.seed)
-    summary["eval_seconds"] = round(time.time() - t_eval, 1)
+               "answers_generated": run.it * run.batch, "rm_calls": run.it * run.batch if cfg.reward == "rm" else 0}
+    summary |= training_summary(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
+    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["reward", "gold", "gold_pass", "kl_to_ref", "k3_kl", "approx_kl", "clipfrac", "entropy",
@@ -296,19 +279,20 @@ def train(cfg):
                      run.device, run.gen)  # each prompt k times in a row: a group
         t_rollout = time.time() - t0
         scores, run.gold_norm = score_rollout(ro, cfg, run.gold_norm)
-        perms = [torch.randperm(run.batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * run.it + e))
-                 for e in range(cfg.ppo_epochs)]
+        perms = epoch_orders(run.batch, cfg.ppo_epochs, cfg.seed, run.it)
         batch = advantages(run, cfg, ro, scores, perms[0])
         t1 = time.time()
         stats = update(run, cfg, ro, batch, perms)
         run.it += 1
         row = log_iteration(run, cfg, ro, scores, batch, stats, {"rollout_seconds": t_rollout, "update_seconds":
                                                                  time.time() - t1, "elapsed": time.time() - t_start})
-        run.metrics.log(**row)
+        run.metrics.log(**row)  # the row first, then the checkpoint that covers it
         if run.it % cfg.save_interval == 0 or run.it == cfg.iterations:
             save(run, cfg)
-    return run.policy, finish(run, cfg, t_start)
+    summary = finish(run, cfg, t_start)
+    save(run, cfg, finished=True)
+    return run.policy, summary
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)
