@@ -36,7 +36,10 @@ Implementation details:
    implicit reward's accuracy against the labels and against gold, per pair as reward.py counts them (an
    exact tie counts half: before the first step every implicit reward is 0).
 6. AdamW, linear warmup then a constant learning rate (as the DPO paper), gradient clipping; the data
-   order is a seeded permutation per epoch; --resume continues from the checkpoint.
+   order is a seeded permutation per epoch.
+7. Options and inputs (the SFT and reward model checkpoints, the comparisons, the evaluation prompts) are
+   checked before anything is written; --resume is exact and refuses another stage's checkpoint or a
+   finished run (unless --epochs grows), as every stage's.
 Deviations: the comparisons are samples of the SFT model, which is the reference: the setting the paper
 calls ideal (pi_ref = the policy that produced the preference data); simulated labelers; the paper's
 RMSprop at lr 1e-6 for 6B-parameter models becomes AdamW at a rate for a ~1M-parameter one; one
@@ -49,18 +52,18 @@ import os
 import time
 import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from common import (config_dict, load_checkpoint, lr_at, make_optimizer, open_run, parse_config, pick_device,
-                    plot_metrics, rng_state, save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
-from data import world as W
+from common import (above, at_least, below, check_config, config_dict, folder, load_state, lr_at, make_optimizer,
+                    one_process, open_run, pick_device, plot_metrics, resume_checkpoint, rng_state, run_command,
+                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
 from data.formats import read_comparisons, read_prompts, split_by_prompt
-from engine import load_model, pack
-from evaluate import compare_to_reference
-from model import token_logprobs
-from rl import disable_dropout
+from data.world import judge_row
+from engine import answers_too_long, load_model, load_reward_model, prompt_too_long, sequence_logprobs
+from rl import disable_dropout, final_evaluation, frozen
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,22 +76,22 @@ class Config:
     comparisons: str = os.path.join(RUNS, "reward", "comparisons.jsonl")  # what reward.py trained on
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # its --seed/--val_fraction give the split ("" = below)
     split_seed: int = 1337  # the split's seed when reward_model is ""
-    val_fraction: float = 0.1  # share of prompts held out when reward_model is ""
+    val_fraction: Annotated[float, at_least(0), below(1)] = 0.1  # share of prompts held out when reward_model is ""
     eval_prompts: str = os.path.join(HERE, "data", "world", "prompts_dev.jsonl")  # final evaluation (dev; "" = skip)
-    out_dir: str = os.path.join(RUNS, "dpo")  # checkpoint, metrics, summary, plot
-    beta: float = 0.1  # KL coefficient of the implicit objective (DPO paper: 0.1)
-    epochs: int = 1  # passes over the training comparisons
-    batch_size: int = 16  # prompts (each with all its K answers) per optimizer step
-    lr: float = 5e-5  # learning rate after warmup
-    warmup_steps: int = 20  # linear warmup
-    grad_clip: float = 1.0  # max gradient norm (0 = off)
-    eval_interval: int = 100  # steps between held-out accuracies
-    eval_samples: int = 8  # samples per held-out prompt in the final evaluation
-    temperature: float = 1.0  # sampling temperature of the final evaluation
-    max_new_tokens: int = 48  # longest answer sampled in the final evaluation
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "dpo")  # checkpoint, metrics, summary, plot
+    beta: Annotated[float, above(0)] = 0.1  # KL coefficient of the implicit objective (DPO paper: 0.1)
+    epochs: Annotated[int, at_least(1)] = 1  # passes over the training comparisons
+    batch_size: Annotated[int, at_least(1)] = 16  # prompts (each with all its K answers) per optimizer step
+    lr: Annotated[float, at_least(0)] = 5e-5  # learning rate after warmup
+    warmup_steps: Annotated[int, at_least(0)] = 20  # linear warmup
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max gradient norm (0 = off)
+    eval_interval: Annotated[int, at_least(1)] = 100  # steps between held-out accuracies (and checkpoints)
+    eval_samples: Annotated[int, at_least(1)] = 8  # samples per held-out prompt in the final evaluation
+    temperature: Annotated[float, above(0)] = 1.0  # sampling temperature of the final evaluation
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer sampled in the final evaluation
     seed: int = 1337  # seeds the data order and the evaluation samples
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue from out_dir/ckpt.pt
 
 
@@ -110,13 +113,6 @@ def dpo_loss(logprobs, ref_logprobs, ranking, beta):
     r = implicit_reward(logprobs, ref_logprobs, beta)  # (K,)
     margins = r[w] - r[l]  # (C(K,2),)
     return -F.logsigmoid(margins).mean(), margins, (w, l)
-
-
-def sequence_logprobs(model, prompts, answers, pad_id, device):
-    """log pi(y|x) = sum over the answer's tokens of log pi(y_t | x, y_<t) for token-id lists: (S,)."""
-    seq, mask, P, resp, rmask = pack(prompts, answers, pad_id)
-    logits = model(seq.to(device), attention_mask=mask.to(device))[0][:, P - 1:-1]  # (S, N, V)
-    return (token_logprobs(logits, resp.to(device)) * rmask.to(device)).sum(1)
 
 
 # ----------------------------------------------------------------------------- the steps of train()
@@ -145,45 +141,60 @@ def logprobs_of(model, items, pad_id, device, batch_prompts=64):
     return out
 
 
+def heldout_split(cfg):
+    """(seed, fraction) of the held-out split and the reward model's held-out accuracies: with --reward_model,
+    reward.py's own split (split_by_prompt(comps, val_fraction, seed)) and its summary.json (if written)."""
+    if not cfg.reward_model:
+        return cfg.split_seed, cfg.val_fraction, {}
+    ckpt = load_reward_model(cfg.reward_model)[1]  # refuses a checkpoint that is not a reward model's
+    path = os.path.join(os.path.dirname(cfg.reward_model), "summary.json")
+    rm = json.load(open(path)) if os.path.exists(path) else {}
+    return ckpt["config"]["seed"], ckpt["config"]["val_fraction"], {
+        f"rm_heldout_acc_vs_{k}": rm[f"heldout_acc_vs_{k}"] for k in ("labels", "gold") if f"heldout_acc_vs_{k}" in rm}
+
+
 def setup(cfg):
-    """Policy and frozen reference, the comparisons split by prompt and encoded, the reference's log-probs."""
+    """Options and inputs checked; policy and frozen reference, the comparisons split by prompt and encoded, the
+    reference's log-probs, the optimizer, restored on --resume; metrics.jsonl is opened last."""
+    check_config(cfg, one_process("dpo.py"))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = pick_device(cfg.device).device
     policy, ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
-    ref = disable_dropout(copy.deepcopy(policy)).eval().requires_grad_(False)
-    disable_dropout(policy)
-    seed, fraction = cfg.split_seed, cfg.val_fraction
-    if cfg.reward_model:  # the reward model's own split (reward.py: split_by_prompt(comps, val_fraction, seed))
-        rm_cfg = load_checkpoint(cfg.reward_model)["config"]
-        seed, fraction = rm_cfg["seed"], rm_cfg["val_fraction"]
-    train_comps, val_comps = split_by_prompt(read_comparisons(cfg.comparisons), fraction, seed)
+    ref = frozen(copy.deepcopy(disable_dropout(policy)))
+    seed, fraction, rm_acc = heldout_split(cfg)
     block = policy.config.block_size
+    comps = read_comparisons(cfg.comparisons, lambda c: answers_too_long(tok, c["prompt"], c["responses"], c.get(
+        "ended"), block), at_least=2)  # reward.py's rule: what it trained on, DPO reads
+    train_comps, val_comps = split_by_prompt(comps, fraction, seed)
+    if not train_comps:  # one prompt text in every comparison: split_by_prompt holds out at least one
+        raise SystemExit(f"error: {cfg.comparisons}: every comparison has the one held-out prompt, none to train on")
+    eval_rows = read_prompts(cfg.eval_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block)) \
+        if cfg.eval_prompts else []
     run = types.SimpleNamespace(device=device, tok=tok, policy=policy, ref=ref, train=encode(tok, train_comps, block),
-                                val=encode(tok, val_comps, block), val_comps=val_comps, step=0,
-                                ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
-    run.steps_per_epoch = math.ceil(len(run.train) / cfg.batch_size)
+                                val=encode(tok, val_comps, block), eval_rows=[r for r in eval_rows if r.get("world")],
+                                rm_acc=rm_acc, step=0, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                                steps_per_epoch=math.ceil(len(train_comps) / cfg.batch_size))
     run.max_steps = cfg.epochs * run.steps_per_epoch
+    ckpt = resume_checkpoint(run.ckpt_path, "dpo", "step", run.max_steps) if cfg.resume else None
     t0 = time.time()
     for items in (run.train, run.val):  # detail 4: the reference's log-probs, once
         for it, lp in zip(items, logprobs_of(ref, items, tok.pad_id, device)):
             it["ref"] = lp.to(device)
     run.ref_seconds = time.time() - t0
-    run.val_gold = [[W.judge(c["world"], r, e)["score"] for r, e in zip(c["responses"], c.get("ended") or
-                     [True] * len(c["responses"]))] if c.get("world") else None for c in val_comps]
+    run.val_gold = [[judge_row(c, r, e)["score"] for r, e in zip(c["responses"], c.get("ended") or
+                     [True] * len(c["responses"]))] if c.get("world") else None for c in val_comps]  # the gold judge
     run.optimizer = make_optimizer(policy, cfg.lr, 0.0, device.split(":")[0])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.resume:
-        ck = load_checkpoint(run.ckpt_path)
-        policy.load_state_dict(ck["model"])
-        run.optimizer.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"])
-        run.step = ck["step"]
+    if ckpt is not None:
+        load_state(policy, ckpt["model"], run.ckpt_path)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        run.step = ckpt["step"]
         print(f"resumed from {run.ckpt_path} at step {run.step}")
-    run.metrics = open_run(cfg, True, f"{len(run.train)} training / {len(run.val)} held-out comparisons "
-                                      f"(split seed {seed}, fraction {fraction}); {run.max_steps} steps")
+    run.metrics = open_run(cfg, True, f"{len(run.train)} training / {len(run.val)} held-out comparisons (split seed "
+                                      f"{seed}, fraction {fraction}); {run.max_steps} steps", resumed=("step", run.step))
     return run
 
 
@@ -235,10 +246,11 @@ def evaluate_heldout(run, cfg, model):
             "val_rejected_logprob": mean(rejected)}
 
 
-def save(run, cfg):
-    save_checkpoint(run.ckpt_path, {"model": run.policy.state_dict(), "model_config": config_dict(run.policy.config),
-                                    "config": config_dict(cfg), "tokenizer": run.tok.name, "step": run.step,
-                                    "optimizer": run.optimizer.state_dict(), "rng": rng_state()})
+def save(run, cfg, finished=False):
+    save_checkpoint(run.ckpt_path, {
+        "stage": "dpo", "finished": finished, "model": run.policy.state_dict(),
+        "model_config": config_dict(run.policy.config), "config": config_dict(cfg), "tokenizer": run.tok.name,
+        "step": run.step, "optimizer": run.optimizer.state_dict(), "rng": rng_state()})
 
 
 def finish(run, cfg, t_start, first_eval):
@@ -252,22 +264,13 @@ def finish(run, cfg, t_start, first_eval):
                "heldout_implicit_acc_vs_gold": last["val_acc_vs_gold"],
                "heldout_chosen_logprob": [first_eval["val_chosen_logprob"], last["val_chosen_logprob"]],
                "heldout_rejected_logprob": [first_eval["val_rejected_logprob"], last["val_rejected_logprob"]]}
-    rm_summary = os.path.join(os.path.dirname(cfg.reward_model), "summary.json") if cfg.reward_model else ""
-    if rm_summary and os.path.exists(rm_summary):  # the reward model's accuracy on the same held-out pairs
-        rm = json.load(open(rm_summary))
-        summary |= {"rm_heldout_acc_vs_labels": rm.get("heldout_acc_vs_labels"),
-                    "rm_heldout_acc_vs_gold": rm.get("heldout_acc_vs_gold")}
+    summary |= run.rm_acc  # the reward model's accuracies on the same held-out pairs
     print(f"held-out implicit reward: acc vs labels {last['val_acc_vs_labels']:.3f}, vs gold "
           f"{last['val_acc_vs_gold'] or float('nan'):.3f} (reward model: {summary.get('rm_heldout_acc_vs_labels')}, "
           f"{summary.get('rm_heldout_acc_vs_gold')}); chosen log-prob {first_eval['val_chosen_logprob']:.2f} -> "
           f"{last['val_chosen_logprob']:.2f}, rejected {first_eval['val_rejected_logprob']:.2f} -> "
           f"{last['val_rejected_logprob']:.2f}")
-    t_eval = time.time()
-    if cfg.eval_prompts:
-        rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
-        summary |= compare_to_reference(run.policy, run.ref, run.tok, rows, cfg.eval_samples, cfg.temperature,
-                                        run.device, cfg.max_new_tokens, seed=cfg.seed)
-    summary["eval_seconds"] = round(time.time() - t_eval, 1)
+    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["loss", "accuracy", "margin", "val_acc_vs_labels", "val_acc_vs_gold", "chosen_logprob",
@@ -289,10 +292,13 @@ def train(cfg):
             print(f"step {run.step:5d}/{run.max_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} | "
                   f"held-out acc {row['val_acc_vs_labels']:.3f} (gold {row['val_acc_vs_gold'] or float('nan'):.3f}) | "
                   f"chosen {row['chosen_logprob']:.2f} rejected {row['rejected_logprob']:.2f} | {time.time() - t_start:.0f}s")
+        run.metrics.log(**row)  # the row first, then the checkpoint that covers it
+        if "val_acc_vs_labels" in row:
             save(run, cfg)
-        run.metrics.log(**row)
-    return run.policy, finish(run, cfg, t_start, first_eval)
+    summary = finish(run, cfg, t_start, first_eval)
+    save(run, cfg, finished=True)
+    return run.policy, summary
 
 
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)
