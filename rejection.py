@@ -25,6 +25,12 @@ Implementation details:
 3. Fine-tuning is sft.train with sft.Config(init_from=<the current policy>, train_data=<the winners>):
    loss on answer tokens only, AdamW, warmup and cosine decay, gradient clipping (sft.py's details).
 4. Every round samples a fresh set of prompts (without replacement where the file is large enough).
+5. Options and inputs are checked before anything is written (sft.py's options too: a bad one would
+   otherwise stop the first round's fine-tuning); out_dir/ckpt.pt holds the current policy after each
+   round, with the round's metrics row written before it. --resume continues after the last finished
+   round and redoes an interrupted one exactly: each round's random streams are seeded by its index
+   (prompt choice, sampling; sft.py seeds its own). It refuses another stage's checkpoint or a finished
+   run (unless --rounds grows).
 Deviations from Llama 2: one model size and one reward model (no separate safety reward model, no
 distillation from the largest model); each round keeps only its own winners (Llama 2 later pools the
 best answers of all earlier rounds); the sampling temperature is fixed; fine-tuning continues from
@@ -34,17 +40,19 @@ import math
 import os
 import random
 import time
+import types
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 import sft
-from common import (config_dict, open_run, parse_config, pick_device, plot_metrics, read_jsonl, save_checkpoint,
-                    set_seed, write_json)
-from data.formats import read_prompts, write_jsonl
+from common import (above, at_least, check_config, config_dict, folder, one_of, one_process, open_run, or_infinite,
+                    pick_device, plot_metrics, read_jsonl, resume_checkpoint, run_command, save_checkpoint, set_seed,
+                    write_json)
+from data.formats import write_jsonl
 from engine import load_model, load_reward_model
-from evaluate import compare_to_reference
-from rl import disable_dropout, rollout, score_rollout
+from rl import disable_dropout, final_evaluation, frozen, gold_means, read_prompt_files, rollout, score_rollout
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,28 +64,34 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the first round's policy, and the evaluation's reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # picks the winners
-    reward: str = "rm"  # rm | gold (oracle mode: the gold judge of the embedded world picks)
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge picks
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # prompts to sample answers to
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # final evaluation (dev; compare.py passes test; "" = skip)
-    out_dir: str = os.path.join(RUNS, "rejection")  # round_<r>/ (winners, sft.py's run), ckpt, metrics, summary
-    rounds: int = 1  # sample -> select -> fine-tune cycles
-    prompts_per_round: int = 800  # prompts sampled each round
-    n: int = 8  # answers sampled per prompt
-    min_score: float = float("-inf")  # a prompt's best answer is kept only if its score beats this
-    temperature: float = 1.0  # sampling temperature
-    max_new_tokens: int = 48  # longest answer, in tokens
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "rejection")  # round_<r>/ (winners, sft.py's run), ckpt, ...
+    rounds: Annotated[int, at_least(1)] = 1  # sample -> select -> fine-tune cycles
+    prompts_per_round: Annotated[int, at_least(1)] = 800  # prompts sampled each round
+    n: Annotated[int, at_least(1)] = 8  # answers sampled per prompt
+    min_score: Annotated[float, or_infinite()] = float("-inf")  # keep a prompt's best answer only if it scores above
+    temperature: Annotated[float, above(0)] = 1.0  # sampling temperature
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer, in tokens
     no_eos_score: float = -1.0  # score of an answer that never emits <|end|>
-    chunk: int = 32  # prompts per rollout call (each repeated n times)
-    epochs: int = 2  # sft.py epochs over each round's winners
-    batch_size: int = 32  # sft.py batch size
-    lr: float = 1e-4  # sft.py peak learning rate
-    min_lr: float = 1e-5  # sft.py cosine floor
-    warmup_steps: int = 5  # sft.py warmup
-    eval_samples: int = 8  # samples per held-out prompt in the final evaluation
+    chunk: Annotated[int, at_least(1)] = 32  # prompts per rollout call (each repeated n times)
+    epochs: Annotated[int, at_least(1)] = 2  # sft.py epochs over each round's winners
+    batch_size: Annotated[int, at_least(1)] = 32  # sft.py batch size
+    lr: Annotated[float, at_least(0)] = 1e-4  # sft.py peak learning rate
+    min_lr: Annotated[float, at_least(0)] = 1e-5  # sft.py cosine floor
+    warmup_steps: Annotated[int, at_least(0)] = 5  # sft.py warmup
+    eval_samples: Annotated[int, at_least(1)] = 8  # samples per held-out prompt in the final evaluation
     seed: int = 1337  # seeds the prompts, the sampling, sft.py's data order and the evaluation samples
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    resume: bool = False  # skip the rounds already finished (their round_<r>/summary.json)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = False  # continue after the last finished round (out_dir/ckpt.pt)
+
+
+def check(cfg, world):
+    """Each option's own range (declared in Config), then sft.py's checks of the options it is handed, which
+    would otherwise stop the first round's fine-tuning after the sampling."""
+    check_config(sft_config(check_config(cfg, world), cfg.sft, "", cfg.out_dir), world)
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -111,86 +125,86 @@ def select(rows, texts, endeds, scores, judged, cfg):
     winners = [{"prompt": rows[i // cfg.n]["prompt"], "response": texts[i], "ended": endeds[i]} for i in picks]
     stats = {"answers": len(texts), "kept": len(winners), "score_all": scores.mean().item(),
              "score_winners": scores[picks].mean().item() if picks else None}
-    if judged and judged[0] is not None:
-        mean = lambda xs: sum(xs) / len(xs) if xs else None
-        stats |= {"gold_all": mean([j["score"] for j in judged]), "gold_pass_all": mean([j["pass"] for j in judged]),
-                  "gold_winners": mean([judged[i]["score"] for i in picks]),
-                  "gold_pass_winners": mean([judged[i]["pass"] for i in picks])}
+    stats |= {f"{k}_all": v for k, v in gold_means(judged).items()}  # {} outside the embedded world
+    stats |= {f"{k}_winners": v for k, v in gold_means([judged[i] for i in picks]).items()}
     return winners, stats
 
 
-def fine_tune(cfg, init_from, winners_path, round_dir):
-    """sft.train on the winners from the current policy (detail 3): the same loop as step 1."""
-    sft.train(sft.Config(init_from=init_from, train_data=winners_path, val_data="", prompts="", eval_base=False,
-                                out_dir=round_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed, device=cfg.device, threads=cfg.threads))
+def sft_config(cfg, init_from, winners_path, round_dir):
+    """sft.py's options for one round's fine-tuning (detail 3): the winners, from the current policy."""
+    return sft.Config(init_from=init_from, train_data=winners_path, val_data="", prompts="", eval_base=False,
+                      out_dir=round_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr,
+                      warmup_steps=cfg.warmup_steps, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                      device=cfg.device, threads=cfg.threads)
 
 
-def train(cfg):
+def setup(cfg):
+    """Options and inputs checked; the reference, the reward model, the prompts and the current policy's
+    checkpoint (the SFT model, or the last finished round's on --resume); metrics.jsonl is opened last."""
+    check(cfg, one_process("rejection.py"))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = pick_device(cfg.device).device
-    if cfg.reward not in ("rm", "gold") or cfg.n < 1 or cfg.rounds < 1:
-        raise SystemExit(f"error: --reward must be rm or gold (got {cfg.reward!r}); --n={cfg.n} and "
-                         f"--rounds={cfg.rounds} must be at least 1")
     ref, ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
-    disable_dropout(ref).eval().requires_grad_(False)
-    rm = disable_dropout(load_reward_model(cfg.reward_model, device)[0]).eval().requires_grad_(False)
-    all_rows = read_prompts(cfg.prompts)
-    if cfg.reward == "gold" and not all(r.get("world") for r in all_rows):
-        raise SystemExit(f"error: --reward=gold needs the world's fields on every prompt of {cfg.prompts}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open_run(cfg, True, f"{cfg.rounds} round(s) of {cfg.prompts_per_round} prompts x n={cfg.n} answers")
-    current, t_start = cfg.sft, time.time()
-    for r in range(cfg.rounds):
-        round_dir = os.path.join(cfg.out_dir, f"round_{r}")
-        if cfg.resume and os.path.exists(os.path.join(round_dir, "summary.json")):
-            current = os.path.join(round_dir, "ckpt.pt")
-            print(f"round {r}: done already ({round_dir})")
-            continue
-        policy = disable_dropout(load_model(current, device)[0])
-        rng = random.Random(cfg.seed + r)
-        m = cfg.prompts_per_round
-        rows = rng.sample(all_rows, m) if m <= len(all_rows) else [rng.choice(all_rows) for _ in range(m)]
-        t0 = time.time()
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * r)
-        texts, endeds, scores, judged = sample_round(policy, ref, rm, tok, rows, cfg, device, gen)
-        winners, stats = select(rows, texts, endeds, scores, judged, cfg)
-        t1 = time.time()
-        if not winners:
-            raise SystemExit(f"error: round {r}: no answer scored above --min_score={cfg.min_score}")
-        os.makedirs(round_dir, exist_ok=True)
-        write_jsonl(os.path.join(round_dir, "winners.jsonl"), winners)
-        fine_tune(cfg, current, os.path.join(round_dir, "winners.jsonl"), round_dir)
-        current = os.path.join(round_dir, "ckpt.pt")
-        row = {"round": r + 1, **stats, "sample_seconds": t1 - t0, "sft_seconds": time.time() - t1}
-        metrics.log(**row)
-        print(f"round {r + 1}/{cfg.rounds} | kept {stats['kept']}/{len(rows)} | score {stats['score_all']:+.3f} -> winners "
-              f"{stats['score_winners']:+.3f} | gold {stats.get('gold_all', math.nan):.3f} -> {stats.get('gold_winners', math.nan):.3f} "
-              f"| {row['sample_seconds']:.0f}+{row['sft_seconds']:.0f}s")
-    return finish(cfg, current, ref, tok, device, t_start)
+    rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
+    rows, eval_rows = read_prompt_files(cfg, tok, min(ref.config.block_size, rm.gpt.config.block_size))
+    run = types.SimpleNamespace(device=device, tok=tok, ref=frozen(ref), rm=rm, rows=rows, eval_rows=eval_rows,
+                                round=0, current=cfg.sft, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    if cfg.resume:
+        run.round = resume_checkpoint(run.ckpt_path, "rejection", "round", cfg.rounds)["round"]
+        run.current = run.ckpt_path  # the policy after that round
+        print(f"resumed from {run.ckpt_path} after round {run.round}")
+    run.metrics = open_run(cfg, True, f"{cfg.rounds} round(s) of {cfg.prompts_per_round} prompts x n={cfg.n} answers",
+                           resumed=("round", run.round))
+    return run
 
 
-def finish(cfg, current, ref, tok, device, t_start):
-    """The final policy as out_dir/ckpt.pt; summary.json with the budget and the evaluation against SFT; plot."""
-    policy, ckpt = load_model(current, device)
-    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {"model": policy.state_dict(), "model_config": ckpt["model_config"],
-                                                           "config": config_dict(cfg), "tokenizer": tok.name})
+def save(run, cfg, finished=False):
+    """out_dir/ckpt.pt: the current policy (the last round's fine-tuned model), a policy checkpoint as sft.py's."""
+    policy, ckpt = load_model(run.current)
+    save_checkpoint(run.ckpt_path, {"stage": "rejection", "finished": finished, "model": policy.state_dict(),
+                                    "model_config": ckpt["model_config"], "config": config_dict(cfg),
+                                    "tokenizer": run.tok.name, "round": run.round})
+
+
+def train_round(run, cfg):
+    """Round run.round: sample, score, select, fine-tune. Returns the metrics row."""
+    r = run.round
+    policy = disable_dropout(load_model(run.current, run.device)[0])
+    rng = random.Random(cfg.seed + r)
+    m = cfg.prompts_per_round
+    rows = rng.sample(run.rows, m) if m <= len(run.rows) else [rng.choice(run.rows) for _ in range(m)]
+    t0 = time.time()
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed + 1000 * r)
+    texts, endeds, scores, judged = sample_round(policy, run.ref, run.rm, run.tok, rows, cfg, run.device, gen)
+    winners, stats = select(rows, texts, endeds, scores, judged, cfg)
+    t1 = time.time()
+    if not winners:
+        raise SystemExit(f"error: round {r}: no answer scored above --min_score={cfg.min_score}")
+    round_dir = os.path.join(cfg.out_dir, f"round_{r}")
+    os.makedirs(round_dir, exist_ok=True)
+    write_jsonl(os.path.join(round_dir, "winners.jsonl"), winners)
+    sft.train(sft_config(cfg, run.current, os.path.join(round_dir, "winners.jsonl"), round_dir))
+    run.round, run.current = r + 1, os.path.join(round_dir, "ckpt.pt")
+    row = {"round": r + 1, **stats, "sample_seconds": t1 - t0, "sft_seconds": time.time() - t1}
+    print(f"round {r + 1}/{cfg.rounds} | kept {stats['kept']}/{len(rows)} | score {stats['score_all']:+.3f} -> winners "
+          f"{stats['score_winners']:+.3f} | gold {stats.get('gold_all', math.nan):.3f} -> {stats.get('gold_winners', math.nan):.3f} "
+          f"| {row['sample_seconds']:.0f}+{row['sft_seconds']:.0f}s")
+    return row
+
+
+def finish(run, cfg, t_start):
+    """summary.json with the budget and the evaluation of the final policy against SFT; plot."""
+    policy = load_model(run.current, run.device)[0]
     rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
     answers = cfg.rounds * cfg.prompts_per_round * cfg.n
     summary = {"method": "rejection", "rounds": cfg.rounds, "train_seconds": round(time.time() - t_start, 1),
                "sample_seconds": round(sum(r["sample_seconds"] for r in rows), 1),
                "sft_seconds": round(sum(r["sft_seconds"] for r in rows), 1), "answers_generated": answers,
                "rm_calls": answers if cfg.reward == "rm" else 0, "winners": [r["kept"] for r in rows]}
-    t_eval = time.time()
-    if cfg.eval_prompts:
-        eval_rows = [r for r in read_prompts(cfg.eval_prompts) if r.get("world")]
-        summary |= compare_to_reference(policy, ref, tok, eval_rows, cfg.eval_samples, cfg.temperature, device,
-                                        cfg.max_new_tokens, seed=cfg.seed)
-    summary["eval_seconds"] = round(time.time() - t_eval, 1)
+    summary |= final_evaluation(policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["score_all", "score_winners", "gold_all", "gold_winners", "gold_pass_all", "gold_pass_winners", "kept"],
@@ -198,5 +212,16 @@ def finish(cfg, current, ref, tok, device, t_start):
     return policy, summary
 
 
+def train(cfg):
+    run = setup(cfg)
+    t_start = time.time()
+    while run.round < cfg.rounds:
+        run.metrics.log(**train_round(run, cfg))  # the row first, then the checkpoint that covers it
+        save(run, cfg)
+    policy, summary = finish(run, cfg, t_start)
+    save(run, cfg, finished=True)
+    return policy, summary
+
+
 if __name__ == "__main__":
-    train(parse_config(Config))
+    run_command(train, Config)
