@@ -25,7 +25,9 @@ final evaluation is evaluate.compare_to_reference on the test prompts with the s
 numbers are one draw shared by every row. A method whose summary.json exists is reused (--force=true
 reruns it). Writes methods.json and methods.md under --results, the plot of gold against KL to SFT
 (each method's final point, best-of-n's curve, and the online methods' training curves), and the
-README's block between its markers.
+README's block between its markers. Every run's options and input files (each method's Config, the SFT
+and reward model checkpoints of every seed, the prompt files, DPO's comparisons, the README's block) are
+checked before the first run writes anything; a bad one is one line and exit code 2.
 """
 import json
 import os
@@ -34,8 +36,10 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
-from common import parse_config, print_config, pyplot, read_jsonl, write_json
+from common import (at_least, check_config, folder, one_process, option_error, print_config, pyplot, read_jsonl,
+                    run_command, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "runs")
@@ -60,19 +64,57 @@ class Config:
     comparisons: str = ""  # DPO's comparisons ("" = comparisons.jsonl beside the reward model)
     prompts: str = os.path.join(HERE, "data", "world", "prompts_ppo.jsonl")  # training prompts of the online methods
     eval_prompts: str = os.path.join(HERE, "data", "world", "prompts_test.jsonl")  # the reported evaluation
-    out_dir: str = os.path.join(RUNS, "compare")  # seed_<s>/<method>/ per run
-    results: str = os.path.join(HERE, "docs", "results")  # methods.json and methods.md
-    plot: str = os.path.join(HERE, "docs", "img", "methods_gold_vs_kl.png")  # gold vs KL to SFT
+    out_dir: Annotated[str, folder()] = os.path.join(RUNS, "compare")  # seed_<s>/<method>/ per run
+    results: Annotated[str, folder()] = os.path.join(HERE, "docs", "results")  # methods.json and methods.md ("" = none)
+    plot: str = os.path.join(HERE, "docs", "img", "methods_gold_vs_kl.png")  # gold vs KL to SFT ("" = none)
     readme: str = os.path.join(HERE, "README.md")  # its methods block is rewritten ("" = leave README alone)
     methods: str = ",".join(METHODS)  # comma-separated subset of the methods
     seeds: str = "1337"  # comma-separated seeds (each method's --seed)
-    budget: int = 6400  # sampled answers per method that samples (a multiple of 64)
-    best_of: int = 16  # best-of-n up to this n (a power of 2)
-    max_new_tokens: int = 48  # longest answer, in tokens, for every method
-    eval_samples: int = 8  # sampled answers per test prompt in each final evaluation
+    budget: Annotated[int, at_least(64)] = 6400  # sampled answers per method that samples (a multiple of 64)
+    best_of: Annotated[int, at_least(1)] = 16  # best-of-n up to this n (a power of 2)
+    max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer, in tokens, for every method
+    eval_samples: Annotated[int, at_least(1)] = 8  # sampled answers per test prompt in each final evaluation
     force: bool = False  # rerun methods whose summary.json exists
-    device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Annotated[int, at_least(0)] = 0  # torch CPU threads (0 = torch's default)
+
+
+def check(cfg, world):
+    """The rules that tie options together (each option's own range is declared in Config). Returns the
+    methods and the seeds."""
+    check_config(cfg, world)
+    names = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    if not names or any(m not in METHODS for m in names):
+        raise option_error("methods", cfg.methods, f"must list some of {', '.join(METHODS)}")
+    seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
+    if not seeds or not all(s.lstrip("-").isdigit() for s in seeds):
+        raise option_error("seeds", cfg.seeds, "must be one or more comma-separated integers")
+    if cfg.budget % 64:
+        raise option_error("budget", cfg.budget, "must be a multiple of 64 (ppo.py's rollout of 64 prompts)")
+    if cfg.best_of & (cfg.best_of - 1):
+        raise option_error("best_of", cfg.best_of, "must be a power of 2")
+    return names, [int(s) for s in seeds]
+
+
+def read_inputs(cfg, names, seeds):
+    """Every run's options (each method's Config against its rules) and every input file, read before
+    the first run writes anything: a bad one would otherwise stop the comparison after hours of runs."""
+    from data.formats import read_comparisons, read_prompts
+    from engine import load_model, load_reward_model
+    from tokenizer import get_tokenizer
+    files = {cfg.prompts: read_prompts, cfg.eval_prompts: read_prompts}
+    for seed in seeds:
+        for name in (n for n in names if n != "best_of_n"):
+            module, mcfg = method_config(name, cfg, seed, os.path.join(cfg.out_dir, f"seed_{seed}", name))
+            getattr(module, "check", check_config)(mcfg, 1)  # dpo.py has no cross-field rule
+            if name == "dpo":
+                files[mcfg.comparisons] = read_comparisons
+        ckpt = load_model(cfg.sft.format(seed=seed))[1]
+        load_reward_model(cfg.reward_model.format(seed=seed), tok=get_tokenizer(ckpt.get("tokenizer", "embedded")))
+    for path, read in files.items():
+        read(path)
+    if cfg.readme:
+        readme_parts(cfg.readme)
 
 
 def method_config(name, cfg, seed, out):
@@ -246,26 +288,27 @@ def plot(cfg, res, sft, seeds, path):
     plt.close(fig)
 
 
-def update_readme(path, block):
+def readme_parts(path):
+    """(the text before the methods block, the text after it) of the README, or a one-line error."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --readme={path} does not exist (\"\" leaves the README alone)")
     text = open(path).read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {path} has no methods block ({BEGIN} ... {END}) to rewrite")
+    if BEGIN not in text or END not in text.split(BEGIN, 1)[-1]:
+        raise SystemExit(f"error: --readme={path} has no methods block ({BEGIN} ... {END}) to rewrite")
     head, rest = text.split(BEGIN, 1)
+    return head, rest.split(END, 1)[1]
+
+
+def update_readme(path, block):
+    head, tail = readme_parts(path)
     with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+        f.write(head + BEGIN + "\n" + block + END + tail)
 
 
-def main(argv=None):
-    cfg = parse_config(Config, argv)
+def main(cfg):
+    names, seeds = check(cfg, one_process("compare.py"))
+    read_inputs(cfg, names, seeds)
     print_config(cfg)
-    names = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
-    if not names or any(m not in METHODS for m in names) or not seeds:
-        raise SystemExit(f"error: --methods must list some of {', '.join(METHODS)} (got {cfg.methods!r}) and "
-                         f"--seeds at least one seed (got {cfg.seeds!r})")
-    if cfg.budget < 64 or cfg.budget % 64 or cfg.best_of < 1 or cfg.best_of & (cfg.best_of - 1):
-        raise SystemExit(f"error: --budget={cfg.budget} must be a positive multiple of 64 and --best_of={cfg.best_of} "
-                         f"a power of 2")
     os.makedirs(cfg.out_dir, exist_ok=True)
     times_path = os.path.join(cfg.out_dir, "wall_seconds.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
@@ -299,4 +342,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)
