@@ -12,10 +12,12 @@
 3. Loading: what the readers drop, cut or refuse, with line numbers; the reward model's cropping.
 4. Checkpoints: kill -9 during saves leaves a loadable checkpoint and the resumed run equals the
    uninterrupted one; a crash in the middle of writing keeps the previous checkpoint; stale .tmp removed.
-5. Resume equality, bitwise at one thread, for pretrain, SFT (also a kill in the final evaluation)
-   and PPO-ptx: a run crashed just before a checkpoint (so metrics.jsonl holds rows the checkpoint
-   does not cover) and resumed equals the uninterrupted run: metrics rows (timing keys aside), the
-   history, the summary and the final weights. The reward ensemble's is in test_reward.py.
+5. Resume equality, bitwise at one thread, for pretrain, SFT (also a kill in the final evaluation),
+   PPO-ptx, GRPO, DPO and rejection sampling: a run crashed just before a checkpoint (so metrics.jsonl
+   holds rows the checkpoint does not cover) and resumed equals the uninterrupted run: metrics rows
+   (timing keys aside), the history, the summary and the final weights. The reward ensemble's is in
+   test_reward.py; RLOO's (a finished run continued) in test_methods.py.
+The step-3 methods beside PPO (grpo.py, dpo.py, rejection.py) and compare.py have rows of their own.
 """
 import contextlib
 import hashlib
@@ -40,7 +42,8 @@ from engine import encode_answers, load_model
 from tokenizer import get_tokenizer
 
 TIMING = {"tokens_per_sec", "rollout_seconds", "update_seconds", "elapsed", "seconds", "train_seconds",
-          "collect_seconds"}
+          "collect_seconds", "eval_seconds", "ref_logprob_seconds", "sample_seconds", "sft_seconds"}
+METHODS = ("grpo", "dpo", "rejection", "compare")  # the step-3 methods beside PPO, and their comparison
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,6 +72,19 @@ def base_args(script, world, runs, out):
     if script == "ppo":
         return ppo_args(world, runs.sft, runs.reward, runs.pretrain, out, iterations=2, rollout_batch=8,
                         minibatch=4, eval_samples=1, ptx_coef=0.1, ptx_batch=4)
+    models = [f"--sft={runs.sft}/ckpt.pt", f"--reward_model={runs.reward}/ckpt.pt", f"--eval_prompts={world.prompts_dev}",
+              f"--out_dir={out}", "--eval_samples=1", f"--max_new_tokens={MAX_NEW_TOKENS}"]
+    if script == "grpo":
+        return models + [f"--prompts={world.prompts_ppo}", "--iterations=2", "--prompts_per_iter=4", "--k=2",
+                         "--minibatch=4"]
+    if script == "dpo":
+        return models + [f"--comparisons={runs.reward}/comparisons.jsonl", "--batch_size=8", "--eval_interval=3"]
+    if script == "rejection":
+        return models + [f"--prompts={world.prompts_ppo}", "--prompts_per_round=8", "--n=2", "--chunk=8",
+                         "--epochs=1", "--batch_size=4"]
+    if script == "compare":
+        return models + [f"--prompts={world.prompts_ppo}", "--results=", "--plot=", "--readme=", "--budget=64",
+                         "--best_of=2", "--methods=grpo,dpo"]
     return [f"--checkpoint={runs.sft}/ckpt.pt", "--prompt=hello!", "--max_new_tokens=8"]  # chat
 
 
@@ -79,7 +95,7 @@ def run_in_process(script, args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            common.run_command(module.main if script == "chat" else module.train, module.Config, argv)
+            common.run_command(module.main if script in ("chat", "compare") else module.train, module.Config, argv)
             code = 0
         except SystemExit as e:
             code = e.code
@@ -231,18 +247,87 @@ CASES = [
      {"short.txt": "once upon a time.\n"}, "pretrain", "a window of --block_size=96 needs 98"),
     ("pretrain, empty corpus", "pretrain", ["--corpus={tmp}/empty.txt"], {"empty.txt": "\n\n"}, "pretrain",
      "empty.txt: file is empty"),
+    # 9. the step-3 methods beside PPO and compare.py: resume, options, inputs (read before anything is written)
+    ("grpo resumes a ppo ckpt", "grpo", ["--resume"], {}, "ppo", "is a checkpoint of ppo.py, not of grpo.py"),
+    ("grpo resumes a finished run", "grpo", ["--resume"], {}, "grpo", "has finished (iteration 2)"),
+    ("grpo resumes nothing", "grpo", ["--resume"], {}, None, "does not exist (nothing to resume"),
+    ("grpo --estimator=ppo", "grpo", ["--estimator=ppo"], {}, "grpo", "must be one of rloo | grpo | drgrpo"),
+    ("grpo --kl=both", "grpo", ["--kl=both"], {}, "grpo", "--kl=both: must be one of reward | loss"),
+    ("grpo --k=1", "grpo", ["--k=1"], {}, "grpo", "--k=1: must be at least 2"),
+    ("grpo --lr=nan", "grpo", ["--lr=nan"], {}, "grpo", "--lr=nan: must be a finite number"),
+    ("grpo rollout vs minibatch", "grpo", ["--minibatch=3"], {}, "grpo",
+     "--minibatch=3: must divide the rollout's --prompts_per_iter x --k = 8 answers"),
+    ("grpo, missing prompts", "grpo", ["--prompts={tmp}/nope.jsonl"], {}, "grpo", "nope.jsonl: no such file"),
+    ("grpo, missing eval prompts", "grpo", ["--eval_prompts={tmp}/nope.jsonl"], {}, "grpo", "nope.jsonl: no such file"),
+    ("grpo, every prompt too long", "grpo", ["--prompts={tmp}/long.jsonl"], {"long.jsonl": jsonl({"prompt": LONG})},
+     "grpo", "long.jsonl line 1: a prompt of"),
+    ("grpo --reward=gold without records", "grpo", ["--reward=gold", "--prompts={tmp}/p.jsonl"],
+     {"p.jsonl": jsonl({"prompt": "say hi."})}, "grpo", "--reward=gold needs a gold record"),
+    ("grpo, a policy as reward model", "grpo", ["--reward_model={sft}/ckpt.pt"], {}, "grpo",
+     "is not a reward model checkpoint"),
+    ("grpo, RM of another tokenizer", "grpo", ["--reward_model={tmp}/rm_gpt2.pt"], {}, "grpo", "uses tokenizer 'gpt2'"),
+    ("dpo resumes a reward ckpt", "dpo", ["--resume"], {}, "reward", "is a checkpoint of reward.py, not of dpo.py"),
+    ("dpo resumes a finished run", "dpo", ["--resume"], {}, "dpo", "has finished (step"),
+    ("dpo --beta=0", "dpo", ["--beta=0"], {}, "dpo", "--beta=0.0: must be greater than 0"),
+    ("dpo --val_fraction=1", "dpo", ["--val_fraction=1"], {}, "dpo", "must be at least 0 and below 1"),
+    ("dpo --eval_interval=0", "dpo", ["--eval_interval=0"], {}, "dpo", "--eval_interval=0: must be at least 1"),
+    ("dpo, missing comparisons", "dpo", ["--comparisons={tmp}/nope.jsonl"], {}, "dpo", "nope.jsonl: no such file"),
+    ("dpo, missing eval prompts", "dpo", ["--eval_prompts={tmp}/nope.jsonl"], {}, "dpo", "nope.jsonl: no such file"),
+    ("dpo, one comparison", "dpo", ["--comparisons={tmp}/one.jsonl"], {"one.jsonl": jsonl(CMP_ROW)}, "dpo",
+     "one.jsonl: 1 comparison(s), at least 2 are needed"),
+    ("dpo, every comparison held out", "dpo", ["--comparisons={tmp}/c.jsonl", "--reward_model="],
+     {"c.jsonl": jsonl(CMP_ROW, CMP_ROW | {"responses": ["hello!", "no."]})}, "dpo",
+     "every comparison has the one held-out prompt"),
+    ("dpo, answer longer than the context", "dpo", ["--comparisons={tmp}/l.jsonl"],
+     {"l.jsonl": jsonl(CMP_ROW, CMP_ROW | {"responses": ["hi!", LONG]})}, "dpo", "l.jsonl line 2: an answer of"),
+    ("dpo, a policy as reward model", "dpo", ["--reward_model={sft}/ckpt.pt"], {}, "dpo",
+     "is not a reward model checkpoint"),
+    ("rejection resumes an sft ckpt", "rejection", ["--resume"], {}, "sft", "is a checkpoint of sft.py, not of rejection"),
+    ("rejection resumes a finished run", "rejection", ["--resume"], {}, "rejection", "has finished (round 1)"),
+    ("rejection --reward=human", "rejection", ["--reward=human"], {}, "rejection", "--reward=human: must be one of rm"),
+    ("rejection --n=0", "rejection", ["--n=0"], {}, "rejection", "--n=0: must be at least 1"),
+    ("rejection --batch_size=0", "rejection", ["--batch_size=0"], {}, "rejection", "--batch_size=0: must be at least 1"),
+    ("rejection --min_score=nan", "rejection", ["--min_score=nan"], {}, "rejection", "--min_score=nan: must be a finite"),
+    ("rejection, missing prompts", "rejection", ["--prompts={tmp}/nope.jsonl"], {}, "rejection",
+     "nope.jsonl: no such file"),
+    ("rejection, missing eval prompts", "rejection", ["--eval_prompts={tmp}/nope.jsonl"], {}, "rejection",
+     "nope.jsonl: no such file"),
+    ("rejection, a policy as reward model", "rejection", ["--reward_model={sft}/ckpt.pt"], {}, "rejection",
+     "is not a reward model checkpoint"),
+    ("compare --methods=ppo,sac", "compare", ["--methods=ppo,sac"], {}, "compare", "--methods=ppo,sac: must list some"),
+    ("compare --seeds=one", "compare", ["--seeds=one"], {}, "compare", "--seeds=one: must be one or more"),
+    ("compare --budget=100", "compare", ["--budget=100"], {}, "compare", "--budget=100: must be a multiple of 64"),
+    ("compare --best_of=3", "compare", ["--best_of=3"], {}, "compare", "--best_of=3: must be a power of 2"),
+    ("compare --eval_samples=0", "compare", ["--eval_samples=0"], {}, "compare", "--eval_samples=0: must be at least"),
+    ("compare, missing eval prompts", "compare", ["--eval_prompts={tmp}/nope.jsonl"], {}, "compare",
+     "nope.jsonl: no such file"),
+    ("compare, missing SFT checkpoint", "compare", ["--sft={tmp}/nope.pt"], {}, "compare", "nope.pt' does not exist"),
+    ("compare, missing comparisons", "compare", ["--comparisons={tmp}/nope.jsonl"], {}, "compare",
+     "nope.jsonl: no such file"),
+    ("compare, README without the block", "compare", ["--readme={tmp}/README.md"], {"README.md": "# no block\n"},
+     "compare", "README.md has no methods block"),
 ]
 # rows that also run through the real command line (a subprocess): one of each kind
-SUBPROCESS = {"sft resumes a pretrain ckpt", "sft, invalid JSON", "ppo --lr=inf", "chat --top_k=-1"}
+SUBPROCESS = {"sft resumes a pretrain ckpt", "sft, invalid JSON", "ppo --lr=inf", "chat --top_k=-1",
+              "grpo --k=1", "dpo, missing comparisons", "rejection resumes a finished run", "compare --budget=100"}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_world, pretrain_run, sft_run, reward_run, ppo_run, tmp_path_factory):
-    """The finished tiny runs, and a reward model checkpoint that claims another tokenizer."""
+    """The finished tiny runs (the four stages', and grpo.py's, dpo.py's, rejection.py's from their base command
+    lines; compare.py's folder holds the grpo and dpo runs), and a reward model checkpoint that claims another
+    tokenizer."""
     tmp = str(tmp_path_factory.mktemp("bad_input_shared"))
     ckpt = torch.load(os.path.join(reward_run, "ckpt.pt"), weights_only=True)
     common.save_checkpoint(os.path.join(tmp, "rm_gpt2.pt"), ckpt | {"tokenizer": "gpt2"})
-    return types.SimpleNamespace(pretrain=pretrain_run, sft=sft_run, reward=reward_run, ppo=ppo_run, shared=tmp)
+    found = types.SimpleNamespace(pretrain=pretrain_run, sft=sft_run, reward=reward_run, ppo=ppo_run, shared=tmp)
+    for script in METHODS[:3]:
+        setattr(found, script, os.path.join(tmp, script))
+        run_script(f"{script}.py", *base_args(script, tiny_world, found, getattr(found, script)))
+    found.compare = os.path.join(tmp, "compare")
+    for script in ("grpo", "dpo"):
+        shutil.copytree(getattr(found, script), os.path.join(found.compare, "seed_1337", script))
+    return found
 
 
 def write_file(path, contents, names):
@@ -271,7 +356,7 @@ def prepare(case, world, runs, tmp_path):
     if copy:
         shutil.copytree(getattr(runs, copy), out)
     names = dict(out=out, tmp=tmp, world=world.dir, pretrain=runs.pretrain, sft=runs.sft, reward=runs.reward,
-                 ppo=runs.ppo)
+                 ppo=runs.ppo)  # the rows of the step-3 methods need no placeholders of their own
     shutil.copy(os.path.join(runs.shared, "rm_gpt2.pt"), tmp)
     for rel, contents in files.items():
         write_file(os.path.join(out, rel[4:]) if rel.startswith("out/") else os.path.join(tmp, rel), contents, names)
@@ -314,7 +399,7 @@ def test_bad_input_through_the_real_command_line(tiny_world, runs, tmp_path):
 def range_rows():
     """(script, option, a value just outside its declared range) for every option with a range."""
     rows = []
-    for script in ("pretrain", "sft", "reward", "ppo", "chat"):
+    for script in ("pretrain", "sft", "reward", "ppo", "chat") + METHODS:
         for name, (kind, rules) in common._fields(importlib.import_module(script).Config).items():
             for rule in rules:
                 says = rule.says
@@ -342,8 +427,8 @@ def test_every_declared_range_is_enforced(script, name, value, tmp_path):
 
 
 def test_every_stage_declares_ranges_and_uses_run_command():
-    assert len(RANGE_ROWS) >= 60
-    for script in ("pretrain", "sft", "reward", "ppo", "chat"):
+    assert len(RANGE_ROWS) >= 120
+    for script in ("pretrain", "sft", "reward", "ppo", "chat") + METHODS:
         with open(os.path.join(REPO, f"{script}.py")) as f:
             assert "run_command(" in f.read().split('if __name__ == "__main__":')[-1], script
 
@@ -353,6 +438,23 @@ def test_config_objects_built_in_code_are_checked_too(tmp_path):
     with pytest.raises(SystemExit, match=r"--batch_size=0: must be at least 1"):
         sft.train(sft.Config(batch_size=0, out_dir=str(tmp_path / "out"), device="cpu"))
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_the_step3_methods_refuse_torchrun(script, tmp_path, monkeypatch):
+    """They run in one process: under torchrun, N copies would write the same --out_dir."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, stderr = run_in_process(script, [f"--out_dir={tmp_path / 'out'}"])
+    assert_one_clear_line(code, stderr, f"{script}.py runs in one process")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_rejection_min_score_may_be_infinite_but_not_nan():
+    import rejection
+    assert common.parse_config(rejection.Config, ["--min_score=-inf"]).min_score == float("-inf")
+    assert common.parse_config(rejection.Config, ["--min_score=inf"]).min_score == float("inf")
+    with pytest.raises(SystemExit, match="--min_score=nan: must be a finite number"):
+        common.parse_config(rejection.Config, ["--min_score=nan"])
 
 
 # ----------------------------------------------------------------------------- loading: dropped, cut, cropped
@@ -479,12 +581,13 @@ class Crash(Exception):
 
 
 def crash_before_save(monkeypatch, module, when):
-    """Make module.save raise (a kill) just before it writes the checkpoint of step/iteration `when`, after
-    the rows up to `when` went to metrics.jsonl; the previous checkpoint is what a --resume finds."""
+    """Make module.save raise (a kill) just before it writes the checkpoint of step/iteration/round `when`,
+    after the rows up to `when` went to metrics.jsonl; the previous checkpoint is what a --resume finds."""
     real = module.save
 
     def save(run, cfg, *args, **kwargs):
-        if getattr(run, "step", getattr(run, "it", None)) == when and not kwargs.get("finished"):
+        done = next((getattr(run, k) for k in ("step", "it", "round") if hasattr(run, k)), None)
+        if done == when and not kwargs.get("finished"):
             raise Crash
         real(run, cfg, *args, **kwargs)
     monkeypatch.setattr(module, "save", save)
@@ -566,3 +669,45 @@ def test_ppo_ptx_resume_after_a_kill_equals_the_uninterrupted_run(tiny_world, ru
     ref = load_model(f"{runs.sft}/ckpt.pt")[0]
     assert summary["pretrain_val_loss_sft"] == pytest.approx(ppo.heldout_ptx_loss(ref, ppo.load_ptx_tokens(
         cfg(split), ref.config), "cpu"), rel=1e-6)
+
+
+def crash_and_resume(monkeypatch, tmp_path, module, args, when):
+    """`module` run straight and run crashed before its checkpoint of `when`, then resumed: both folders."""
+    def cfg(out, resume=False):
+        return common.parse_config(module.Config, args + [f"--out_dir={out}", "--device=cpu", "--threads=1"]
+                                   + ["--resume"] * resume)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    module.train(cfg(straight))
+    restore = crash_before_save(monkeypatch, module, when)
+    with pytest.raises(Crash):
+        module.train(cfg(split))
+    restore()
+    module.train(cfg(split, resume=True))
+    return straight, split
+
+
+def test_grpo_resume_after_a_kill_equals_the_uninterrupted_run(tiny_world, runs, tmp_path, monkeypatch):
+    import grpo
+    args = [a for a in base_args("grpo", tiny_world, runs, "") if not a.startswith("--out_dir")]
+    straight, split = crash_and_resume(monkeypatch, tmp_path, grpo, args + [
+        "--eval_prompts=", "--iterations=5", "--save_interval=2", "--kl=loss", "--ppo_epochs=2"], when=4)
+    assert [r["iteration"] for r in read_rows(split)] == [1, 2, 3, 4, 5]
+    assert_same_run(straight, split)
+
+
+def test_dpo_resume_after_a_kill_equals_the_uninterrupted_run(tiny_world, runs, tmp_path, monkeypatch):
+    import dpo
+    args = [a for a in base_args("dpo", tiny_world, runs, "") if not a.startswith("--out_dir")]
+    straight, split = crash_and_resume(monkeypatch, tmp_path, dpo, args + ["--eval_prompts=", "--eval_interval=2",
+                                                                           "--epochs=2"], when=4)
+    assert [r["step"] for r in read_rows(split)] == list(range(0, len(read_rows(straight))))  # step 0: before training
+    assert_same_run(straight, split)
+
+
+def test_rejection_resume_after_a_kill_equals_the_uninterrupted_run(tiny_world, runs, tmp_path, monkeypatch):
+    import rejection
+    args = [a for a in base_args("rejection", tiny_world, runs, "") if not a.startswith("--out_dir")]
+    straight, split = crash_and_resume(monkeypatch, tmp_path, rejection, args + ["--eval_prompts=", "--rounds=2"],
+                                       when=2)  # round 2 logged and fine-tuned, then killed before its checkpoint
+    assert [r["round"] for r in read_rows(split)] == [1, 2]
+    assert_same_run(straight, split)
