@@ -10,8 +10,9 @@ end of an answer the same way. The numbered details are those of docs/RLHF_DETAI
    reward.py trains it on; the sampled ids can be a different segmentation of the same text) and scores
    its last real token; an ensemble's score is its members' mean, and their variance is kept as a diagnostic (the members
    disagree most where the policy has left the data they were trained on). With reward "gold" the
-   embedded world's judge is the reward instead (oracle mode), normalised with the mean and std of the
-   first rollout's answers, since the reward model's normalisation (detail 7) does not apply to it.
+   gold judge is the reward instead (oracle mode: the embedded world's, or the user's --judge),
+   normalised with the mean and std of the first rollout's answers, since the reward model's
+   normalisation (detail 7) does not apply to it. The judge's verdicts are kept for logging either way.
 3. The EOS trick (detail 5): an answer that never ends gets the fixed score `no_eos_score`.
 4. Masked means everywhere (detail 10): padding and after-EOS tokens never enter a statistic;
    whitening uses statistics over every rank's real tokens.
@@ -75,9 +76,11 @@ def disable_dropout(model):
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
-def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
+def rollout(policy, ref, rm, tok, rows, cfg, device, generator, judge=W.judge_row):
     """Sample one answer per prompt row, score it, and compute the reference's log-probs of its tokens.
-    Reads cfg.max_new_tokens, cfg.temperature and cfg.reward. Returns a dict of tensors and lists."""
+    Reads cfg.max_new_tokens, cfg.temperature and cfg.reward. judge(row, text, ended): the gold judge of the
+    rows (evaluate.resolve_judge), None for none; the default, the embedded world's, judges the rows that
+    carry its "world" field. Returns a dict of tensors and lists ("judged": a verdict or None per answer)."""
     prompt_ids, prompt_mask = left_pad([tok.render_chat(r["prompt"])[0] for r in rows], tok.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     policy.eval()
@@ -90,7 +93,7 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     P = prompt_ids.size(1)
     ended = ((resp == tok.end_id) & resp_mask.bool()).any(dim=1)
     texts = [tok.decode_response([t for t, m in zip(r, mk) if m]) for r, mk in zip(resp.tolist(), resp_mask.tolist())]
-    judged = [W.judge_row(r, t, bool(e)) if r.get("world") else None
+    judged = [None if judge is None or (judge is W.judge_row and not r.get("world")) else judge(r, t, bool(e))
               for r, t, e in zip(rows, texts, ended.tolist())]
     disagreement = None  # variance of an ensemble's member scores, per answer
     if cfg.reward == "gold":
