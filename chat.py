@@ -5,6 +5,7 @@
     python chat.py --prompt="how do i make tea?"          # one-shot: a small table on stdout, then exit
     python chat.py --checkpoint=runs/ppo/ckpt.pt --reward_model= --prompt="hello!"   # prints the answer only
     python chat.py --checkpoint=gpt2                      # GPT-2 weights (a name or a HF folder)
+    python chat.py --checkpoints=out/sft/ckpt.pt,out/ppo/ckpt.pt --reward_model=out/reward/ckpt.pt   # your own
 
 Type a prompt and press Enter; /examples lists prompts of the embedded world; an empty line, /quit or
 Ctrl-D exits.
@@ -29,12 +30,14 @@ Ctrl-D exits.
    note the first time it had capitals), a greeting sentence on what the models know and cannot do,
    /examples, gold. GPT-2 and user checkpoints get the input as typed and none of these.
 5. Default --checkpoints / --reward_model files that do not exist are dropped with a note; explicit
-   ones must exist. --reference defaults to the first checkpoint.
+   ones must exist. With checkpoints outside runs/ (your own task's), the default --reward_model (runs/'s)
+   is never read: pass yours. --reference defaults to the first checkpoint.
 6. One-shot --prompt: stdout is the table (model, reward, KL, gold, answer), or only the answer with one
    checkpoint, no reward model and no other reference. Notes go to stderr.
 7. A prompt longer than the smallest context minus max_new_tokens is cropped from the left, with a note.
 Simplifications: no multi-turn history, no system prompt, batch size 1.
 """
+import io
 import os
 import random
 import sys
@@ -122,6 +125,10 @@ def resolve_paths(cfg, default=None):
     if not paths:
         raise SystemExit("error: option --checkpoints is empty: give one or more checkpoints, comma-separated")
     rm = cfg.reward_model
+    if rm and rm == default.reward_model and not all(os.path.abspath(p).startswith(RUNS + os.sep) for p in paths):
+        print(f"(note: --reward_model not given with checkpoints of your own: the default {rm} is not read, no "
+              f"reward column; pass --reward_model=PATH)", file=sys.stderr)  # never the embedded world's
+        rm = ""
     if rm and rm == default.reward_model and not os.path.exists(rm):
         print(f"(note: no reward model at {rm}: no reward column; pass --reward_model=PATH)", file=sys.stderr)
         rm = ""
@@ -316,12 +323,14 @@ def table(rows, with_answer):
 
 def main(cfg):
     one_shot = bool(cfg.prompt)
-    with redirect_stdout(sys.stderr if one_shot else sys.stdout):  # one-shot stdout = the table / answer only
+    notes = io.StringIO()  # one-shot: setup's lines go to stderr once it succeeded (an error stays one line)
+    with redirect_stdout(notes if one_shot else sys.stdout):  # one-shot stdout = the table / answer only
         if not one_shot:
             print_config(cfg)
         run = setup(cfg)
         if not one_shot:
             print(greeting(run))
+    sys.stderr.write(notes.getvalue())
     noted_case = False
     while True:
         try:

@@ -7,6 +7,9 @@ helpers so that all stages follow the same conventions:
   field declares its valid range next to it (`Annotated[int, at_least(1)]`, `one_of("rm", "gold")`), and
   parse_config checks every field, floats must be finite; an unknown key or a bad value is an error that
   names the valid keys / the option and its range (`error: option --batch_size=0: must be at least 1`);
+- defaults that follow the data (`follow_data`): given the user's own main input (a corpus, demonstrations,
+  comparisons, prompts), the options that default to the embedded world's files are skipped with a note,
+  never read;
 - `run_command` is every script's `if __name__ == "__main__":`: a bad option or input file ends the
   run with one line on stderr and exit code 2, before the run has written anything;
 - one output folder per run holding `config.json`, `metrics.jsonl` (one JSON object per logged
@@ -185,6 +188,44 @@ def run_command(main, config_cls, argv=None):
             raise
         print(e.code, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- defaults that follow the data
+
+WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "world")  # the embedded world's files
+MAIN_INPUT = {"pretrain": "corpus", "sft": "train_data", "reward": "comparisons", "ppo": "prompts"}  # per stage
+
+
+def follow_data(cfg, main, followers, checkpoints=(), master=True):
+    """Defaults that follow the data. With the user's own main input (cfg.<main> is not its default), an option
+    of `followers` left at its default (a file of the embedded world in data/world/, or of a run in runs/) is
+    never read: it becomes "", and its note is printed as one line (`note: --prompts not given with your own
+    --train_data: ...`); followers = {option: what is skipped and how to have it, or None: unused, no note}.
+    A checkpoint option left at its default is refused if that checkpoint's run trained on the embedded
+    world (world_input). Options the user named are kept: a named file that is missing is an error where it
+    is read. With the default main input (the embedded world) cfg comes back as it is."""
+    defaults = type(cfg)()
+    if getattr(cfg, main) == getattr(defaults, main):
+        return cfg
+    untouched = [k for k in [*followers, *checkpoints] if getattr(cfg, k) and getattr(cfg, k) == getattr(defaults, k)]
+    for k in untouched:
+        source = k in checkpoints and os.path.isfile(getattr(cfg, k)) and world_input(load_checkpoint(getattr(cfg, k)))
+        if source:
+            raise SystemExit(f"error: --{k} not given with your own --{main}: its default {getattr(cfg, k)} was "
+                             f"trained on the embedded world ({source}); pass --{k}=<your checkpoint>")
+        if k in followers and followers[k] and master:
+            print(f"note: --{k} not given with your own --{main}: {followers[k]}")
+    return dataclasses.replace(cfg, **{k: "" for k in untouched if k in followers})
+
+
+def world_input(ckpt):
+    """The embedded world's data that a checkpoint's run trained on (its stage's main input in data/world/, or
+    comparisons collected in the world), or None."""
+    stage = checkpoint_stage(ckpt)
+    path = (ckpt.get("config") or {}).get(MAIN_INPUT.get(stage, ""), None)
+    if stage == "reward" and path == "":
+        return "comparisons sampled and labelled in the embedded world"
+    return path if path and os.path.abspath(path).startswith(WORLD + os.sep) else None
 
 
 def print_config(cfg):
@@ -509,6 +550,21 @@ def get_batch(data, batch_size, block_size, generator):
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
     return x, y  # (B, T), (B, T)
+
+
+def token_files(folder, vocab_size, window):
+    """pretrain.py's uint16 token files folder/train.bin and folder/val.bin as memmaps, or why they cannot be
+    used: missing, shorter than one window of `window` + 2 tokens, or of another tokenizer (token ids of
+    vocab_size or more). Returns ([train, val], None) or (None, the reason)."""
+    paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin")]
+    if not all(os.path.isfile(p) for p in paths):
+        return None, f"needs {paths[0]} and {paths[1]} (pretrain.py's out_dir/tokens)"
+    if min(os.path.getsize(p) for p in paths) < 2 * (window + 2):  # uint16: 2 bytes a token
+        return None, f"needs {window + 2} tokens in each of {paths[0]} and {paths[1]}, for one window"
+    if int(np.memmap(paths[1], np.uint16, "r").max()) >= vocab_size:
+        return None, (f"needs pretraining tokens of the policy's tokenizer: {paths[1]} holds token ids beyond its "
+                      f"vocabulary ({vocab_size}); pass --pretrain_tokens of its tokenizer")
+    return [np.memmap(p, np.uint16, "r") for p in paths], None
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun)

@@ -285,13 +285,18 @@ def same_tokenizer(a, b):
     return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
 
 
-def load_reward_model(path, device="cpu", tok=None):
+def load_reward_model(path, device="cpu", tok=None, normalized=False):
     """A RewardModel (or a RewardEnsemble) from a reward.py checkpoint (normalisation folded into the heads).
     With tok (the policy's tokenizer), a reward model that reads another tokenizer's ids is an error:
-    its scores of this policy's tokens would be meaningless."""
+    its scores of this policy's tokens would be meaningless. normalized: a checkpoint that reward.py has not
+    normalised yet (one written during training) is an error: PPO's scores would have no scale."""
     ckpt = load_checkpoint(path)
     if "reward_model" not in ckpt:
         raise SystemExit(f"error: {path!r} is not a reward model checkpoint (no 'reward_model' key)")
+    if normalized and "normalization" not in ckpt:
+        raise SystemExit(f"error: reward model {path!r} is not normalised (reward.py writes the normalisation "
+                         f"when its run finishes; this checkpoint was written during training): finish that run "
+                         f"with --resume, or train one to the end")
     if tok is not None and not same_tokenizer(ckpt.get("tokenizer", "embedded"), tok.name):
         raise SystemExit(f"error: reward model {path!r} uses tokenizer {ckpt.get('tokenizer', 'embedded')!r}, "
                          f"the policy uses {tok.name!r}: use a reward model trained from this policy's SFT model")

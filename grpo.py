@@ -62,6 +62,7 @@ from common import (above, at_least, check_config, config_dict, folder, load_sta
                     option_error, pick_device, plot_metrics, read_jsonl, resume_checkpoint, rng_state, run_command,
                     save_checkpoint, set_rng_state, set_seed, write_json)
 from engine import load_model, load_reward_model
+from evaluate import a_judge
 from rl import (answer_logprobs, clipped_surrogate, disable_dropout, entropy_from_logits, epoch_orders,
                 final_evaluation, frozen, gold_means, kl_penalty, masked_mean, read_prompt_files, rollout,
                 score_rollout, set_stream_state, stream_state, training_summary)
@@ -76,7 +77,8 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # policy init and frozen reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # frozen RM
-    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge is the reward
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the gold judge (--judge) is the reward
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (dev; compare.py passes test; "" = skip)
     out_dir: Annotated[str, folder()] = os.path.join(RUNS, "grpo")  # checkpoint, metrics, summary, plot
@@ -169,12 +171,14 @@ def setup(cfg):
     policy, sft_ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
     rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
-    rows, eval_rows = read_prompt_files(cfg, tok, min(policy.config.block_size, rm.gpt.config.block_size))
+    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok,
+                                                           min(policy.config.block_size, rm.gpt.config.block_size))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = resume_checkpoint(ckpt_path, "grpo", "iteration", cfg.iterations) if cfg.resume else None
     run = types.SimpleNamespace(
         device=device, tok=tok, policy=disable_dropout(policy), ref=frozen(copy.deepcopy(policy)), rm=rm, rows=rows,
-        eval_rows=eval_rows, optimizer=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5), it=0,
+        judge=judge, eval_rows=eval_rows, eval_judge=eval_judge,
+        optimizer=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5), it=0,
         gold_norm=None, batch=cfg.prompts_per_iter * cfg.k, ckpt_path=ckpt_path,
         gen=torch.Generator(device=device).manual_seed(cfg.seed), prompt_rng=random.Random(cfg.seed))
     if ckpt is not None:  # the weights, the optimizer and every random stream of the checkpoint
@@ -261,7 +265,7 @@ def finish(run, cfg, t_start):
     summary = {"method": cfg.estimator, "kl": cfg.kl, "iterations": run.it, "train_seconds": round(time.time() - t_start, 1),
                "answers_generated": run.it * run.batch, "rm_calls": run.it * run.batch if cfg.reward == "rm" else 0}
     summary |= training_summary(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
-    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
+    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device, run.eval_judge)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["reward", "gold", "gold_pass", "kl_to_ref", "k3_kl", "approx_kl", "clipfrac", "entropy",
@@ -276,7 +280,7 @@ def train(cfg):
         t0 = time.time()
         prompts = [run.rows[run.prompt_rng.randrange(len(run.rows))] for _ in range(cfg.prompts_per_iter)]
         ro = rollout(run.policy, run.ref, run.rm, run.tok, [r for r in prompts for _ in range(cfg.k)], cfg,
-                     run.device, run.gen)  # each prompt k times in a row: a group
+                     run.device, run.gen, run.judge)  # each prompt k times in a row: a group
         t_rollout = time.time() - t0
         scores, run.gold_norm = score_rollout(ro, cfg, run.gold_norm)
         perms = epoch_orders(run.batch, cfg.ppo_epochs, cfg.seed, run.it)

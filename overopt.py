@@ -2,6 +2,8 @@
 
     python overopt.py                          # after pipeline.py (minutes on 2 CPU cores)
     python overopt.py --ppo_iterations=0       # best-of-n only
+    python overopt.py --sft=out/sft/ckpt.pt --reward_model=out/reward/ckpt.pt --prompts=task/heldout.jsonl \
+        --ppo_prompts=task/ppo_prompts.jsonl --judge=task/judge.py:judge --out_dir=out/overopt   # your own task
 
 The reward model is a proxy for the gold judge. Optimising the proxy harder moves the policy further
 from SFT (KL), and past some distance the gold score falls while the proxy keeps rising. We measure
@@ -12,6 +14,9 @@ both curves against d = sqrt(KL(policy || SFT)) as Gao et al. do:
 2. RL: PPO with beta = 0 (no KL penalty) run long, logging proxy reward, gold and the sampled KL to the
    reference every iteration. Fit gold(d) - gold(0) = d (a - b log d) for d >= 0.3.
 3. Examples of the answers PPO without a KL penalty ends up with, with their proxy and gold scores.
+The gold judge is --judge (the embedded world's by default, or the user's): the study needs one for
+--prompts and, for the RL curve, for --ppo_prompts. With the user's own --prompts, --ppo_prompts left
+out skips the RL curve (common.follow_data).
 Deviation from the paper: one RM size, one seed, and the RL curve is a single run's trajectory
 (Gao et al. fit across checkpoints of many runs).
 """
@@ -19,14 +24,13 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
-from common import pick_device, print_config, pyplot, read_jsonl, run_command, write_json
-from data.formats import read_prompts
-from data.world import judge_row
+from common import follow_data, pick_device, print_config, pyplot, read_jsonl, run_command, write_json
 from engine import generate_answers, load_model, load_reward_model, score_texts
-from evaluate import evaluate_best_of_n
+from evaluate import a_judge, evaluate_best_of_n, judged_prompts
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +41,9 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the policy to sample from (and PPO's start)
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # the proxy
-    prompts: str = os.path.join(HERE, "data", "world", "prompts_dev.jsonl")  # held-out prompts of the world (dev: a study, not a result)
+    prompts: str = os.path.join(HERE, "data", "world", "prompts_dev.jsonl")  # held-out prompts (dev: a study)
+    ppo_prompts: str = os.path.join(HERE, "data", "world", "prompts_ppo.jsonl")  # rollout prompts of the RL curve
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     out_dir: str = os.path.join(RUNS, "overopt")  # summary.json, overoptimization.png, ppo_beta0/
     n_prompts: int = 100  # prompts for best-of-n
     n_max: int = 128  # largest n (samples per prompt)
@@ -97,14 +103,14 @@ def plot(bon, rl, fits, path):
     plt.close(fig)
 
 
-def rl_curve(cfg, rm, rows, tok, device):
+def rl_curve(cfg, rm, rows, tok, device, judge):
     """PPO with beta = 0 from the SFT model: its metrics rows, the fit of the RL form, the peak, and the
     answers the final (hacked) policy gives, with their proxy and gold scores."""
     import ppo
     ppo_dir = os.path.join(cfg.out_dir, "ppo_beta0")
-    ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, out_dir=ppo_dir, beta=0.0,
-                         iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="", seed=cfg.seed,
-                         device=cfg.device))
+    ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, prompts=cfg.ppo_prompts, judge=cfg.judge,
+                         out_dir=ppo_dir, beta=0.0, iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="",
+                         seed=cfg.seed, device=cfg.device))
     rl = read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
     d_rl = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
     g_rl = np.array([r["gold"] - rl[0]["gold"] for r in rl])
@@ -123,7 +129,7 @@ def rl_curve(cfg, rm, rows, tok, device):
     proxy = score_texts(rm, tok, [r["prompt"] for r in rows[:12]], [a[0]["text"] for a in ans],
                         [a[0]["ended"] for a in ans], device)
     out["hacked_examples"] = [{"prompt": r["prompt"], "answer": a[0]["text"], "proxy": p,
-                               "gold": judge_row(r, a[0]["text"], a[0]["ended"])["score"]}
+                               "gold": judge(r, a[0]["text"], a[0]["ended"])["score"]}
                               for r, a, p in zip(rows[:12], ans, proxy)]
     for e in out["hacked_examples"]:
         print(f"  proxy {e['proxy']:+.2f} gold {e['gold']:.2f} | {e['prompt']} -> {e['answer']}")
@@ -131,22 +137,31 @@ def rl_curve(cfg, rm, rows, tok, device):
 
 
 def main(cfg):
+    cfg = follow_data(cfg, "prompts", {"ppo_prompts": "the RL curve is skipped; pass --ppo_prompts=<rollout prompts>"},
+                      checkpoints=("sft", "reward_model"))
     print_config(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     dev = pick_device(cfg.device)
     policy, ckpt = load_model(cfg.sft, dev.device)
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
-    rm, _ = load_reward_model(cfg.reward_model, dev.device)
-    rows = [r for r in read_prompts(cfg.prompts) if r.get("world")][:cfg.n_prompts]
+    rm, _ = load_reward_model(cfg.reward_model, dev.device, tok, normalized=True)
+    block = policy.config.block_size
+    rows, judge = judged_prompts(cfg.prompts, cfg.judge, tok, 48, block, "the study")
+    ppo_rows, ppo_judge = judged_prompts(cfg.ppo_prompts if cfg.ppo_iterations else "", cfg.judge, tok, 48, block,
+                                         "the RL curve")
+    if judge is None or (ppo_rows and ppo_judge is None):
+        raise SystemExit("error: overopt.py measures gold against the proxy: it needs a gold judge (--judge) of "
+                         "--prompts and of --ppo_prompts")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rows = rows[:cfg.n_prompts]
     print(f"sampling {cfg.n_max} answers for each of {len(rows)} prompts ...")
-    bon = evaluate_best_of_n(policy, rm, tok, rows, cfg.n_max, cfg.temperature, 48, cfg.seed, dev.device)
+    bon = evaluate_best_of_n(policy, rm, tok, rows, cfg.n_max, cfg.temperature, 48, cfg.seed, dev.device, judge=judge)
     d = np.array([math.sqrt(r["kl"]) for r in bon])
     gain = np.array([r["gold_mean"] - bon[0]["gold_mean"] for r in bon])
     fits = {"bon": fit_bon(d, gain)}
     summary = {"best_of_n": bon, "fit_bon": {"a": fits["bon"][0], "b": fits["bon"][1]}}
     rl = []
-    if cfg.ppo_iterations:
-        rl, out = rl_curve(cfg, rm, rows, tok, dev.device)
+    if cfg.ppo_iterations and cfg.ppo_prompts:
+        rl, out = rl_curve(cfg, rm, rows, tok, dev.device, judge)
         summary |= out
         if "fit_rl" in out:
             fits["rl"] = (out["fit_rl"]["a"], out["fit_rl"]["b"])

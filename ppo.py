@@ -1,8 +1,10 @@
 """Step 3 of InstructGPT: PPO against the reward model, with a KL leash to the SFT model.
 
     python ppo.py                          # embedded world
-    python ppo.py --reward=gold            # oracle mode: the gold judge of the embedded world is the reward
+    python ppo.py --reward=gold            # oracle mode: the gold judge is the reward
     python ppo.py --beta=0 --iterations=300 --out_dir=runs/ppo_nokl    # over-optimisation
+    python ppo.py --sft=out/sft/ckpt.pt --reward_model=out/reward/ckpt.pt --prompts=task/ppo_prompts.jsonl \
+        --eval_prompts=task/heldout.jsonl --judge=task/judge.py:judge --out_dir=out/ppo   # your own (docs/OWN_DATA.md)
 
 Four models: the policy (initialised from SFT), a frozen reference copy of the SFT model, the frozen
 reward model, and a value model initialised from the reward model. Each iteration of `train`:
@@ -12,7 +14,8 @@ reward model, and a value model initialised from the reward model. Each iteratio
     advantages  -> old log-probs and values; r_t = -beta * (logprob_t - ref_logprob_t) plus the score at
                    the last real token; GAE over the answer tokens; whitening
     update      -> ppo_epochs epochs of clipped-surrogate minibatch steps on policy and value model
-    log         -> one line and one metrics.jsonl row of the standard diagnostics
+    log         -> one line and one metrics.jsonl row of the standard diagnostics, gold where a judge can
+                   judge the prompts, and the drift signals that need none (evaluate.drift: length, ...)
 
 Shapes: B answers in a rollout (or a minibatch), P prompt length, N answer length, V vocabulary,
 C channels.
@@ -40,7 +43,9 @@ Huang et al. 2023/2024, "The N(+) implementation details of RLHF with PPO"):
     beta <- beta * (1 + e * batch / horizon).
 13. PPO-ptx (InstructGPT eq. 2): optionally add ptx_coef * the pretraining LM loss; the held-out
     pretraining loss of the SFT model and of the policy is measured at the end (the "alignment tax").
-14. Inputs are checked before anything is written (a too long prompt is dropped, with a count); --resume is exact.
+14. Inputs are checked before anything is written (a too long prompt is dropped, with a count; a reward
+    model that reward.py did not normalise is refused); --resume is exact. With the user's own --prompts,
+    --eval_prompts and --pretrain_tokens left out are skipped with a note, never read (common.follow_data).
 Simplifications: a ~1M-parameter model; the paper's gamma = 27.8 for PPO-ptx is not transferable to
 this scale (tune ptx_coef); the oracle mode normalises the gold score with the mean and std of the
 first rollout's answers. How the defaults were chosen: docs/EXPERIMENTS.md.
@@ -53,16 +58,15 @@ import types
 from dataclasses import dataclass
 from typing import Annotated
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from common import (above, all_gather_object, at_least, at_most, check_config, config_dict, ddp_cleanup, ddp_setup,
-                    ddp_wrap, folder, get_batch, load_state, one_of, open_run, option_error, per_rank, pick_device,
-                    plot_metrics, read_jsonl, reduce_stats, resume_checkpoint, rng_state, run_command, save_checkpoint,
-                    set_rng_state, set_seed, write_json)
+                    ddp_wrap, folder, follow_data, get_batch, load_state, one_of, open_run, option_error, per_rank,
+                    pick_device, plot_metrics, read_jsonl, reduce_stats, resume_checkpoint, rng_state, run_command,
+                    save_checkpoint, set_rng_state, set_seed, token_files, write_json)
 from engine import RewardEnsemble, RewardModel, last_token_index, load_model, load_reward_model
-from evaluate import compare_to_reference
+from evaluate import a_judge, compare_to_reference, drift, heldout_ptx_loss, judged_prompts
 from model import token_logprobs
 from rl import (clipped_surrogate, disable_dropout, entropy_from_logits, epoch_orders, global_masked_mean, kl_penalty,
                 masked_mean, masked_whiten, read_prompt_files, rollout, score_rollout, set_stream_state, stream_state,
@@ -78,10 +82,11 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # policy init and frozen reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # frozen RM, and the critic's init
-    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge is the reward
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the gold judge (--judge) is the reward
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # rollout prompts
-    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (dev; the pipeline passes test; "" = skip)
-    pretrain_tokens: str = os.path.join(RUNS, "pretrain", "tokens")  # train.bin/val.bin for PPO-ptx
+    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts (the pipeline passes test; "" = skip)
+    pretrain_tokens: str = os.path.join(RUNS, "pretrain", "tokens")  # train.bin/val.bin: PPO-ptx, alignment tax
     out_dir: Annotated[str, folder()] = os.path.join(RUNS, "ppo")  # checkpoint, metrics, summary, plots
     iterations: Annotated[int, at_least(1)] = 100  # rollout + update cycles
     rollout_batch: Annotated[int, at_least(1), per_rank()] = 64  # prompts per rollout (global across ranks)
@@ -195,22 +200,15 @@ class ActorCritic(nn.Module):
 # ----------------------------------------------------------------------------- the steps of train()
 
 def load_ptx_tokens(cfg, model_config):
-    """The pretraining token files (train, val) as memmaps, for PPO-ptx and the alignment tax; None when
-    absent, too short for one window, or of another tokenizer (an error only when --ptx_coef asks for them)."""
-    paths = [os.path.join(cfg.pretrain_tokens, f) for f in ("train.bin", "val.bin")]
-    T = min(128, model_config.block_size)  # the window of ptx_loss and heldout_ptx_loss
-    if not all(os.path.exists(p) for p in paths):
-        problem = f"needs {paths[0]} (run pretrain.py first)"
-    elif min(os.path.getsize(p) for p in paths) < 2 * (T + 2):  # uint16: 2 bytes a token
-        problem = f"needs {T + 2} tokens in each of {paths[0]} and {paths[1]}, for one window"
-    elif int(np.memmap(paths[1], np.uint16, "r").max()) >= model_config.vocab_size:  # another tokenizer
-        problem = (f"needs pretraining tokens of the policy's tokenizer: {paths[1]} holds token ids beyond its "
-                   f"vocabulary ({model_config.vocab_size}); pass --pretrain_tokens of its tokenizer")
-    else:
-        return [np.memmap(p, np.uint16, "r") for p in paths]
-    if cfg.ptx_coef > 0:
+    """The pretraining token files (train, val) as memmaps, for PPO-ptx and the alignment tax, or None; an error
+    when --ptx_coef asks for them or --pretrain_tokens names a folder that cannot be used."""
+    tokens, problem = token_files(cfg.pretrain_tokens, model_config.vocab_size, min(128, model_config.block_size)) \
+        if cfg.pretrain_tokens else (None, "needs --pretrain_tokens")
+    if problem and cfg.ptx_coef > 0:
         raise SystemExit(f"error: option --ptx_coef={cfg.ptx_coef} {problem}")
-    return None
+    if problem and cfg.pretrain_tokens not in ("", Config.pretrain_tokens):
+        raise SystemExit(f"error: option --pretrain_tokens={cfg.pretrain_tokens}: the alignment tax {problem}")
+    return tokens
 
 
 def setup(cfg):
@@ -218,14 +216,19 @@ def setup(cfg):
     on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     rank, world = ddp_setup(cfg.device)
     check(cfg, world)
+    cfg = follow_data(cfg, "prompts", {
+        "eval_prompts": "no held-out evaluation; pass --eval_prompts=<held-out prompts> [--judge=FILE.py:function]",
+        "pretrain_tokens": "no alignment tax; pass --pretrain_tokens=<pretrain out_dir>/tokens"},
+        checkpoints=("sft", "reward_model"), master=rank == 0)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed + rank)
     device = pick_device(cfg.device).device
     policy, sft_ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
-    rm, _ = load_reward_model(cfg.reward_model, device, tok)  # refuses a reward model of another tokenizer
-    rows, eval_rows = read_prompt_files(cfg, tok, min(policy.config.block_size, rm.gpt.config.block_size))
+    rm, _ = load_reward_model(cfg.reward_model, device, tok, normalized=True)  # of this tokenizer, normalised
+    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok, min(policy.config.block_size,
+                                                                          rm.gpt.config.block_size))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = resume_checkpoint(ckpt_path, "ppo", "iteration", cfg.iterations) if cfg.resume else None
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -242,8 +245,9 @@ def setup(cfg):
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": cfg.lr},
                                   {"params": value_params, "lr": cfg.value_lr}], eps=1e-5)
     run = types.SimpleNamespace(
-        rank=rank, world=world, master=rank == 0, device=device, tok=tok, policy=policy, ref=ref, rm=rm,
+        cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, tok=tok, policy=policy, ref=ref, rm=rm,
         critic=critic, ac=ac, value_params=value_params, optimizer=optimizer, rows=rows, eval_rows=eval_rows,
+        judge=judge, eval_judge=eval_judge,
         local_batch=cfg.rollout_batch // world, ptx=load_ptx_tokens(cfg, policy.config), it=0, beta=cfg.beta,
         gold_norm=None, ckpt_path=ckpt_path, gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),
         prompt_rng=random.Random(cfg.seed + rank), ptx_gen=torch.Generator().manual_seed(cfg.seed + 17 + rank))
@@ -346,12 +350,14 @@ def log_iteration(run, cfg, ro, scores, batch, stats, seconds):
         row["gold"], row["gold_pass"] = s["gold"] / s["n_judged"], s["gold_pass"] / s["n_judged"]
     if ro["disagreement"] is not None:
         row["rm_disagreement"] = s["rm_disagreement"] / s["n"]  # mean variance of the members' scores
+    texts = sum(all_gather_object(ro["texts"]), [])  # every rank's answers: the share of distinct ones
+    row["distinct_rate"] = len(set(texts)) / len(texts)
     if run.master:
-        print(f"iter {run.it:4d} | reward {row['reward']:+.3f} | gold {row.get('gold', float('nan')):.3f} "
-              f"pass {row.get('gold_pass', float('nan')):.2f} | kl {row['kl_to_ref']:.3f} | beta {run.beta:.3f} | "
+        gold = f" | gold {row['gold']:.3f} pass {row['gold_pass']:.2f}" if "gold" in row else ""
+        print(f"iter {run.it:4d} | reward {row['reward']:+.3f}{gold} | kl {row['kl_to_ref']:.3f} | beta {run.beta:.3f} | "
               f"approx_kl {row['approx_kl']:.4f} | clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f} | "
-              f"len {row['answer_length']:.1f} | ev {row['explained_variance']:.2f} | "
-              f"{row['rollout_seconds']:.1f}+{row['update_seconds']:.1f}s")
+              f"len {row['answer_length']:.1f} distinct {row['distinct_rate']:.2f} | ev "
+              f"{row['explained_variance']:.2f} | {row['rollout_seconds']:.1f}+{row['update_seconds']:.1f}s")
     return row
 
 
@@ -367,22 +373,14 @@ def save(run, cfg, finished=False):
             "rank_streams": streams if run.world > 1 else None} | streams[0])
 
 
-@torch.no_grad()
-def heldout_ptx_loss(policy, ptx, device):
-    """The pretraining loss on 8 fixed batches of held-out pretraining text (the alignment tax's measure)."""
-    if ptx is None:
-        return None
-    g = torch.Generator().manual_seed(0)
-    losses = [policy(*[t.to(device) for t in get_batch(ptx[1], 32, min(128, policy.config.block_size), g)])[1]
-              for _ in range(8)]
-    return float(torch.stack(losses).mean())
-
-
 def finish(run, cfg, ptx_before, t_start):
-    """summary.json: KL at the end of training, the alignment tax, the held-out evaluation against SFT; plots."""
+    """summary.json: KL at the end of training, the drift signals (with warnings), the alignment tax, the
+    held-out evaluation against SFT (gold where a judge can judge them); plots."""
     summary = {"iterations": run.it, "train_seconds": round(time.time() - t_start, 1), "final_beta": run.beta,
                "reward": cfg.reward}
-    summary |= training_summary(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
+    rows = read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    summary |= training_summary(rows)
+    summary |= drift(rows)  # prints the signals and any warnings
     t_eval = time.time()
     ptx_after = heldout_ptx_loss(run.policy, run.ptx, run.device)
     if ptx_before is not None:
@@ -390,24 +388,25 @@ def finish(run, cfg, ptx_before, t_start):
                     "alignment_tax": ptx_after - ptx_before}
     if run.eval_rows:
         summary |= compare_to_reference(run.policy, run.ref, run.tok, run.eval_rows, cfg.eval_samples,
-                                        cfg.temperature, run.device, cfg.max_new_tokens, seed=cfg.seed)
+                                        cfg.temperature, run.device, cfg.max_new_tokens, cfg.seed, run.eval_judge)
     summary["eval_seconds"] = round(time.time() - t_eval, 1)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["reward", "gold", "gold_pass", "kl_to_ref", "beta", "approx_kl", "clipfrac", "entropy",
-                  "vf_loss", "explained_variance", "answer_length", "eos_rate", "rm_disagreement"],
+                  "vf_loss", "explained_variance", "answer_length", "distinct_rate", "eos_rate", "rm_disagreement"],
                  x="iteration", title="PPO")
     return summary
 
 
 def train(cfg):
     run = setup(cfg)
+    cfg = run.cfg  # with the defaults that follow the data resolved
     ptx_before = heldout_ptx_loss(run.ref, run.ptx, run.device)  # the SFT model's, also after a --resume
     t_start = time.time()
     while run.it < cfg.iterations:
         t0 = time.time()
         rows = [run.rows[run.prompt_rng.randrange(len(run.rows))] for _ in range(run.local_batch)]
-        ro = rollout(run.policy, run.ref, run.rm, run.tok, rows, cfg, run.device, run.gen)
+        ro = rollout(run.policy, run.ref, run.rm, run.tok, rows, cfg, run.device, run.gen, run.judge)
         t_rollout = time.time() - t0
         scores, run.gold_norm = score_rollout(ro, cfg, run.gold_norm)
         perms = epoch_orders(run.local_batch, cfg.ppo_epochs, cfg.seed, run.it)

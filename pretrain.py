@@ -2,6 +2,7 @@
 
     python pretrain.py                              # embedded world (README: how long each stage takes)
     python pretrain.py --max_steps=50 --out_dir=runs/tiny
+    python pretrain.py --corpus=task/corpus.txt --tokenizer=task/tok.tiktoken --out_dir=out/pretrain   # your own
     python pretrain.py --init_from=gpt2 --corpus=my.txt --tokenizer=gpt2   # GPU + internet
 
 A plain next-token language model trained on a text corpus. It learns the language and the facts of
@@ -21,7 +22,9 @@ Implementation details:
    learned nothing but word frequencies would sit at that entropy.
 6. Options and the corpus (read by data/formats.read_corpus; too short for one window of each split
    is an error) are checked before anything is written. `--resume` refuses another stage's
-   checkpoint; a finished run continues only to a larger --max_steps.
+   checkpoint; a finished run continues only to a larger --max_steps. A tokenizer file is recorded by
+   its absolute path, so later stages find it from any folder; a corpus of the user's own with the
+   embedded world's tokenizer (the default) gets a note (train one with tokenizer.py).
 """
 import os
 import time
@@ -177,7 +180,10 @@ def setup(cfg):
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     dev = pick_device(cfg.device, cfg.dtype, cfg.compile)
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = get_tokenizer(os.path.abspath(cfg.tokenizer) if os.path.isfile(cfg.tokenizer) else cfg.tokenizer)
+    if rank == 0 and cfg.corpus != Config.corpus and cfg.tokenizer == "embedded":
+        print("note: --tokenizer not given with your own --corpus: the embedded world's BPE (data/embedded.tiktoken) "
+              "splits it; train one on your corpus: python tokenizer.py --input=CORPUS --output=tok.tiktoken")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = resume_checkpoint(ckpt_path, "pretrain", "step", cfg.max_steps) if cfg.resume else None
     with rank0_first():  # one rank writes the token cache (and downloads GPT-2), the others then read it
@@ -232,7 +238,7 @@ def save(run, cfg, finished=False):
     if run.master:
         save_checkpoint(run.ckpt_path, {
             "stage": "pretrain", "finished": finished, "model": run.raw_model.state_dict(),
-            "model_config": config_dict(run.raw_model.config), "config": config_dict(cfg), "tokenizer": cfg.tokenizer,
+            "model_config": config_dict(run.raw_model.config), "config": config_dict(cfg), "tokenizer": run.tok.name,
             "step": run.step, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
             "data_rng": run.data_gen.get_state(), "history": run.history})
 

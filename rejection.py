@@ -52,6 +52,7 @@ from common import (above, at_least, check_config, config_dict, folder, one_of, 
                     write_json)
 from data.formats import write_jsonl
 from engine import load_model, load_reward_model
+from evaluate import a_judge
 from rl import disable_dropout, final_evaluation, frozen, gold_means, read_prompt_files, rollout, score_rollout
 from tokenizer import get_tokenizer
 
@@ -64,7 +65,8 @@ RUNS = os.path.join(HERE, "runs")
 class Config:
     sft: str = os.path.join(RUNS, "sft", "ckpt.pt")  # the first round's policy, and the evaluation's reference
     reward_model: str = os.path.join(RUNS, "reward", "ckpt.pt")  # picks the winners
-    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the world's gold judge picks
+    reward: Annotated[str, one_of("rm", "gold")] = "rm"  # gold = oracle mode: the gold judge (--judge) picks
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     prompts: str = os.path.join(WORLD, "prompts_ppo.jsonl")  # prompts to sample answers to
     eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # final evaluation (dev; compare.py passes test; "" = skip)
     out_dir: Annotated[str, folder()] = os.path.join(RUNS, "rejection")  # round_<r>/ (winners, sft.py's run), ckpt, ...
@@ -105,12 +107,13 @@ def select_best(scores, n, min_score=float("-inf")):
 
 # ----------------------------------------------------------------------------- the steps of train()
 
-def sample_round(policy, ref, rm, tok, rows, cfg, device, gen):
+def sample_round(policy, ref, rm, tok, rows, cfg, device, gen, judge):
     """n answers to every row, scored (detail 1), in chunks of cfg.chunk prompts. Returns the answer
-    texts, endeds, scores (G * n,) and gold verdicts (None outside the embedded world)."""
+    texts, endeds, scores (G * n,) and gold verdicts (None where no judge can judge)."""
     texts, endeds, scores, judged = [], [], [], []
     for b in range(0, len(rows), cfg.chunk):
-        ro = rollout(policy, ref, rm, tok, [r for r in rows[b:b + cfg.chunk] for _ in range(cfg.n)], cfg, device, gen)
+        ro = rollout(policy, ref, rm, tok, [r for r in rows[b:b + cfg.chunk] for _ in range(cfg.n)], cfg, device, gen,
+                     judge)
         s, _ = score_rollout(ro, cfg, gold_norm=(0.0, 1.0))  # gold only ranks here: no normalisation needed
         texts += ro["texts"]
         endeds += ro["ended"].tolist()
@@ -149,8 +152,10 @@ def setup(cfg):
     ref, ckpt = load_model(cfg.sft, device)
     tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
     rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
-    rows, eval_rows = read_prompt_files(cfg, tok, min(ref.config.block_size, rm.gpt.config.block_size))
-    run = types.SimpleNamespace(device=device, tok=tok, ref=frozen(ref), rm=rm, rows=rows, eval_rows=eval_rows,
+    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok,
+                                                           min(ref.config.block_size, rm.gpt.config.block_size))
+    run = types.SimpleNamespace(device=device, tok=tok, ref=frozen(ref), rm=rm, rows=rows, judge=judge,
+                                eval_rows=eval_rows, eval_judge=eval_judge,
                                 round=0, current=cfg.sft, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     if cfg.resume:
         run.round = resume_checkpoint(run.ckpt_path, "rejection", "round", cfg.rounds)["round"]
@@ -178,7 +183,7 @@ def train_round(run, cfg):
     rows = rng.sample(run.rows, m) if m <= len(run.rows) else [rng.choice(run.rows) for _ in range(m)]
     t0 = time.time()
     gen = torch.Generator(device=run.device).manual_seed(cfg.seed + 1000 * r)
-    texts, endeds, scores, judged = sample_round(policy, run.ref, run.rm, run.tok, rows, cfg, run.device, gen)
+    texts, endeds, scores, judged = sample_round(policy, run.ref, run.rm, run.tok, rows, cfg, run.device, gen, run.judge)
     winners, stats = select(rows, texts, endeds, scores, judged, cfg)
     t1 = time.time()
     if not winners:
@@ -204,7 +209,7 @@ def finish(run, cfg, t_start):
                "sample_seconds": round(sum(r["sample_seconds"] for r in rows), 1),
                "sft_seconds": round(sum(r["sft_seconds"] for r in rows), 1), "answers_generated": answers,
                "rm_calls": answers if cfg.reward == "rm" else 0, "winners": [r["kept"] for r in rows]}
-    summary |= final_evaluation(policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
+    summary |= final_evaluation(policy, run.ref, run.tok, run.eval_rows, cfg, run.device, run.eval_judge)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["score_all", "score_winners", "gold_all", "gold_winners", "gold_pass_all", "gold_pass_winners", "kept"],

@@ -1,7 +1,7 @@
 """Step 2 of InstructGPT: comparisons and a Bradley-Terry reward model.
 
     python reward.py                        # embedded world: sample, label, train 3 models, evaluate
-    python reward.py --comparisons=hh/comparisons.jsonl --init_from=runs/sft/ckpt.pt
+    python reward.py --init_from=out/sft/ckpt.pt --comparisons=task/comparisons.jsonl --out_dir=out/reward
 
 "I can't build a fridge, but I can judge one." For each labelling prompt the SFT model answers K
 times, a (simulated) labeler ranks the answers, and a reward model learns to predict the ranking.
@@ -20,18 +20,23 @@ Implementation details:
    batch element (each answer is forwarded once) and the loss is
    -1/C(K,2) * sum log sigmoid(r(x, y_w) - r(x, y_l)). Pairwise data is the K = 2 case.
 4. After training, the head is shifted and scaled so that the demonstrations score mean 0
-   (InstructGPT: "labeler demonstrations achieve a mean score of 0") and the SFT samples std 1
-   (docs/RLHF_DETAILS.md, detail 7); the normalisation is recorded in the checkpoint. An ensemble's
-   members are normalised one by one, then share one gain so that their mean has std 1 too.
+   (InstructGPT: "labeler demonstrations achieve a mean score of 0") and the comparison answers (in the
+   embedded world: SFT samples) std 1 (docs/RLHF_DETAILS.md, detail 7); without --demonstrations the
+   comparison answers get mean 0 too. The normalisation is recorded in the checkpoint (ppo.py refuses a
+   reward model without it). An ensemble's members are normalised one by one, then share one gain so
+   that their mean has std 1 too.
 5. Evaluation on held-out comparisons, held out by prompt (no held-out prompt text is trained on):
-   accuracy against the labelers and against the gold judge, both per answer pair like the labelers'
-   ceilings on the same pairs, mean margin, a calibration plot, the correlation of reward with answer
-   length; and best-of-n (the cheapest use of a reward model) at n = 1..16 with KL = log n - (n-1)/n.
+   accuracy against the labels and against the gold judge (--judge, the world's or the user's), both per
+   answer pair like the labelers' ceilings on the same pairs (embedded world only), mean margin, a
+   calibration plot, the correlation of reward with answer length, a warning when the accuracy is close
+   to chance; and best-of-n (the cheapest use of a reward model) at n = 1..16 with KL = log n - (n-1)/n.
 6. `--ensemble=N` trains N reward models on the same comparisons, one after the other, from different
    seeds (head initialisation, data order); the reward is their mean (Coste et al. 2023). Each
    member's own held-out accuracy is reported beside the ensemble's.
 7. Inputs are checked before anything is written: a comparison whose answer leaves no room for its
    prompt in the context is an error naming its line (a long prompt loses its start, markers kept).
+   With the user's own --comparisons, the options that default to the embedded world's files are
+   skipped with a note, never read (common.follow_data); a named file that is missing is an error.
 Deviations: the paper's RM is a 6B model initialised from a pretrained (not SFT) checkpoint; ours
 is the SFT model (as in Stiennon et al. 2020) and the labelers are simulated. InstructGPT trains one
 epoch (more epochs overfit its 6B model); our ~1M-parameter members train two (docs/EXPERIMENTS.md).
@@ -49,14 +54,15 @@ import torch
 import torch.nn.functional as F
 
 from common import (above, all_reduce_sum, at_least, below, check_config, config_dict, ddp_barrier, ddp_cleanup,
-                    ddp_setup, ddp_wrap, folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device,
-                    plot_calibration, plot_metrics, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
-                    set_rng_state, set_seed, write_json)
+                    ddp_setup, ddp_wrap, folder, follow_data, load_state, lr_at, make_optimizer, open_run, per_rank,
+                    pick_device, plot_calibration, plot_metrics, resume_checkpoint, rng_state, run_command,
+                    save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
 from data import world as W
 from data.formats import read_comparisons, read_prompts, read_sft, split_by_prompt, write_jsonl
 from engine import (RewardEnsemble, RewardModel, answers_too_long, encode_answers, generate_answers, left_pad,
                     load_model, pack_answers, prompt_too_long, score_texts)
-from evaluate import evaluate_best_of_n
+from evaluate import (a_judge, evaluate_best_of_n, gold_scores, judged_prompts, resolve_judge, reward_model_line,
+                      reward_model_stats, reward_model_warning)
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,8 +74,9 @@ class Config:
     init_from: str = os.path.join(HERE, "runs", "sft", "ckpt.pt")  # SFT checkpoint: sampler and RM init
     comparisons: str = ""  # a comparisons JSONL to train on ("" = collect them in the embedded world)
     label_prompts: str = os.path.join(WORLD, "prompts_label.jsonl")  # prompts to sample and label
-    demonstrations: str = os.path.join(WORLD, "sft_train.jsonl")  # the RM is biased so these score 0
-    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts for best-of-n (the pipeline passes test)
+    demonstrations: str = os.path.join(WORLD, "sft_train.jsonl")  # the RM is biased so these score 0 ("" = none)
+    eval_prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts for best-of-n ("" = skip)
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     world_dir: str = WORLD  # labelers.json (the calibrated labeler pool)
     out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "reward")  # comparisons, checkpoint, metrics, plots
     k: Annotated[int, at_least(2)] = 8  # answers sampled per labelling prompt (InstructGPT: 4 to 9)
@@ -134,38 +141,17 @@ def batch_loss(rm, tok, comps, device):
 
 
 @torch.no_grad()
-def evaluate_rm(rm, tok, comps, device, batch_size=64):
-    """Held-out accuracy vs labels and vs gold (both per answer pair, like the labelers' ceilings), the mean
-    margin of the labelled pairs, calibration points and the correlation of reward with answer length."""
+def evaluate_rm(rm, tok, comps, device, gold=None, batch_size=64):
+    """Held-out accuracy vs labels and vs gold, mean margin, calibration points and the correlation of reward with
+    answer length (evaluate.reward_model_stats) of the scores of every answer, each prompt forwarded once.
+    gold: the judge's scores of the answers (evaluate.gold_scores; None: the world's judge where it can)."""
     rm.eval()
-    acc_l, acc_g, margins, calib, lengths, rewards = [], [], [], [], [], []
+    scores = []
     for b in range(0, len(comps), batch_size):
-        chunk = comps[b:b + batch_size]
-        _, _, _, scores, spans = batch_loss(rm, tok, chunk, device)
-        for (a, e), c in zip(spans, chunk):
-            s = scores[a:e].tolist()
-            rank_pos = {j: p for p, j in enumerate(c["ranking"])}
-            for i in range(len(s)):
-                lengths.append(len(c["responses"][i].split()))
-                rewards.append(s[i])
-                for j in range(i + 1, len(s)):
-                    i_first = rank_pos[i] < rank_pos[j]  # the labeler preferred answer i
-                    margin = s[i] - s[j] if i_first else s[j] - s[i]
-                    acc_l.append(float(margin > 0))
-                    margins.append(margin)
-                    calib.append((1 / (1 + math.exp(-(s[i] - s[j]))), float(i_first)))  # predicted vs labelled
-            if c.get("world"):
-                ends = c.get("ended") or [True] * len(s)
-                g = [W.judge(c["world"], r, e)["score"] for r, e in zip(c["responses"], ends)]
-                acc_g += [float((s[i] - s[j]) * (g[i] - g[j]) > 0) for i in range(len(s))
-                          for j in range(i + 1, len(s)) if g[i] != g[j]]
+        _, _, _, flat, spans = batch_loss(rm, tok, comps[b:b + batch_size], device)
+        scores += [flat[i:j].tolist() for i, j in spans]
     rm.train()
-    n = len(rewards)
-    ml, mr = sum(lengths) / n, sum(rewards) / n
-    cov = sum((x - ml) * (y - mr) for x, y in zip(lengths, rewards))
-    sd = math.sqrt(sum((x - ml) ** 2 for x in lengths) * sum((y - mr) ** 2 for y in rewards)) or 1.0
-    return {"acc_vs_labels": sum(acc_l) / len(acc_l), "acc_vs_gold": sum(acc_g) / len(acc_g) if acc_g else None,
-            "mean_margin": sum(margins) / len(margins), "length_corr": cov / sd, "_calibration": calib}
+    return reward_model_stats(comps, scores, gold_scores(comps) if gold is None else gold)
 
 
 def get_comparisons(policy, tok, cfg, run):
@@ -197,12 +183,12 @@ def get_comparisons(policy, tok, cfg, run):
 
 
 def read_eval_inputs(cfg, tok, block):
-    """The demonstrations of the normalisation and the best-of-n prompts, read (and checked) before training."""
-    # any length: only their mean score is used, and encode_answers crops what does not fit
-    demos = read_sft(cfg.demonstrations) if cfg.demonstrations and os.path.exists(cfg.demonstrations) else []
-    rows = read_prompts(cfg.eval_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block)) \
-        if cfg.best_of and cfg.eval_prompts else []
-    return demos, [r for r in rows if r.get("world")]
+    """The demonstrations of the normalisation (any length: only their mean score is used, encode_answers crops
+    what does not fit) and the best-of-n prompts with their judge, read and checked before training."""
+    demos = read_sft(cfg.demonstrations) if cfg.demonstrations else []
+    rows, judge = judged_prompts(cfg.eval_prompts if cfg.best_of else "", cfg.judge, tok, cfg.max_new_tokens, block,
+                                   "best-of-n")
+    return demos, rows if judge else [], judge
 
 
 def setup(cfg):
@@ -210,22 +196,30 @@ def setup(cfg):
     into train / held out, the ensemble's members, and the training state restored on --resume."""
     rank, world = ddp_setup(cfg.device)
     check_config(cfg, world)
+    cfg = follow_data(cfg, "comparisons", {
+        "demonstrations": "the reward is normalised on the comparison answers (mean 0, std 1); pass "
+                          "--demonstrations=<your SFT data> to have demonstrations score 0 (InstructGPT)",
+        "eval_prompts": "best-of-n is skipped; pass --eval_prompts=<held-out prompts> --judge=FILE.py:function",
+        "world_dir": "the labelers' agreement ceilings (the embedded world's simulated labelers) are skipped",
+        "label_prompts": None}, checkpoints=("init_from",), master=rank == 0)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     dev = pick_device(cfg.device)
     policy, sft_ckpt = load_model(cfg.init_from, dev.device)
     tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
-    run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, policy=policy,
+    run = types.SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, policy=policy,
                                 step=0, history=[], opt_state=None, normalization=None,
                                 ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     ckpt = resume_checkpoint(run.ckpt_path, "reward", "step", None) if cfg.resume else None  # never a finished run
-    run.demos, run.eval_rows = read_eval_inputs(cfg, tok, policy.config.block_size)
+    run.demos, run.eval_rows, run.eval_judge = read_eval_inputs(cfg, tok, policy.config.block_size)
     t0 = time.time()
     run.comps, run.collect_stats = get_comparisons(policy, tok, cfg, run)
     run.collect_seconds = time.time() - t0
     # held out by prompt: every comparison of a held-out prompt text is held out (a prompt can recur)
     run.train_set, run.val = split_by_prompt(run.comps, cfg.val_fraction, cfg.seed)
+    run.val_gold = gold_scores(run.val, resolve_judge(cfg.judge, run.val, cfg.comparisons or "the comparisons",
+                                                      "the held-out accuracy against the gold judge"))
     run.members = []
     for m in range(cfg.ensemble):  # each member: its own trunk copy, head init (seed + m) and data order
         torch.manual_seed(cfg.seed + m)
@@ -294,12 +288,12 @@ def train_member(run, cfg, m, t_start):
         row = train_step(run, cfg, model, optimizer, m, s)
         evaluating = run.step % cfg.eval_interval == 0 or s + 1 == run.member_steps
         if evaluating:
-            ev = evaluate_rm(member, run.tok, run.val, run.dev.device)  # this member alone
+            ev = evaluate_rm(member, run.tok, run.val, run.dev.device, run.val_gold)  # this member alone
             row |= {f"val_{k}": v for k, v in ev.items() if not k.startswith("_")}
             if run.master:
+                gold = "" if ev["acc_vs_gold"] is None else f" (gold {ev['acc_vs_gold']:.3f})"
                 print(f"step {run.step:4d}/{run.max_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} | "
-                      f"val acc {ev['acc_vs_labels']:.3f} (gold {ev['acc_vs_gold'] or float('nan'):.3f}) | "
-                      f"{time.time() - t_start:.0f}s")
+                      f"val acc {ev['acc_vs_labels']:.3f}{gold} | {time.time() - t_start:.0f}s")
         run.metrics.log(**row)  # the row and the history first, then the checkpoint that covers them
         run.history.append({k: row[k] for k in ("step", "loss", "accuracy")})
         if evaluating:
@@ -318,16 +312,17 @@ def mean_of(score_lists):
 
 
 def normalize(run, cfg):
-    """Shift and scale every member's head so that the demonstrations score mean 0 (InstructGPT) and the
-    SFT samples std 1 (N details #7); then one common gain so that the members' mean has std 1 too (the
-    PPO critic starts from member 0, so its scale and offset must be right on its own). Returns the record."""
+    """Shift and scale every member's head so that the demonstrations (without them: the comparison answers)
+    score mean 0 (InstructGPT) and the comparison answers std 1 (N details #7); then one common gain so that
+    the members' mean has std 1 too (the PPO critic starts from member 0, so its scale and offset must be
+    right on its own). Returns the record."""
     demos = random.Random(cfg.seed).sample(run.demos, min(cfg.n_norm, len(run.demos)))  # all of them if fewer
     norm_comps = run.comps[:cfg.n_norm]
     norm_samples = ([c["prompt"] for c in norm_comps for _ in c["responses"]],
                     [r for c in norm_comps for r in c["responses"]],
                     [e for c in norm_comps for e in (c.get("ended") or [True] * len(c["responses"]))])
     norm_demos = ([d["prompt"] for d in demos], [d["response"] for d in demos], [d.get("ended", True) for d in demos])
-    raw = []  # (demonstration scores, sample scores) of every member, each member scored once
+    raw = []  # (demonstration scores, comparison answers' scores) of every member, each member scored once
     for mem in run.members:
         sample = score_texts(mem, run.tok, *norm_samples, run.dev.device)
         raw.append((score_texts(mem, run.tok, *norm_demos, run.dev.device) if demos else sample, sample))
@@ -340,43 +335,35 @@ def normalize(run, cfg):
             mem.head.bias.sub_(m).div_(sd * ens_std)
             mem.head.weight.div_(sd * ens_std)
     norm = {"demo_mean_before": mean, "sample_std_before": std,
-            "demo_source": cfg.demonstrations if demos else "sampled answers"}
+            "demo_source": cfg.demonstrations if demos else "comparison answers"}
     if cfg.ensemble > 1:
         norm |= {"member_demo_mean_before": [m for m, _ in member_stats],
                  "member_sample_std_before": [sd for _, sd in member_stats], "ensemble_gain": 1 / ens_std}
-    print(f"reward normalised: demonstrations had mean {mean:.3f}, SFT samples std {std:.3f}")
+    print(f"reward normalised: {'demonstrations' if demos else 'comparison answers'} had mean {mean:.3f}, "
+          f"comparison answers std {std:.3f}")
     return norm
 
 
 def evaluate_heldout(run, cfg):
     """The ensemble (and each member) on the held-out comparisons, with the labelers' ceilings on the same pairs."""
-    ev = evaluate_rm(run.rm, run.tok, run.val, run.dev.device)
+    ev = evaluate_rm(run.rm, run.tok, run.val, run.dev.device, run.val_gold)
     plot_calibration(ev.pop("_calibration"), os.path.join(cfg.out_dir, "calibration.png"))
     summary = {f"heldout_{k}": v for k, v in ev.items()}
     if cfg.ensemble > 1:  # what averaging bought: each member alone on the same held-out pairs
-        alone = [evaluate_rm(mem, run.tok, run.val, run.dev.device) for mem in run.members]
+        alone = [evaluate_rm(mem, run.tok, run.val, run.dev.device, run.val_gold) for mem in run.members]
         summary["heldout_member_acc_vs_labels"] = [e["acc_vs_labels"] for e in alone]
         summary["heldout_member_acc_vs_gold"] = [e["acc_vs_gold"] for e in alone]
-    if all(c.get("world") for c in run.val) and os.path.exists(os.path.join(cfg.world_dir, "labelers.json")):
+    if cfg.world_dir and all(c.get("world") for c in run.val) and os.path.exists(os.path.join(cfg.world_dir,
+                                                                                               "labelers.json")):
         labelers = W.load_labelers(cfg.world_dir)
         bias = labelers["bias"] if cfg.labeler_bias < 0 else cfg.labeler_bias
         summary |= {f"heldout_{k}": v for k, v in W.labeler_ceiling(run.val, labelers["labelers"], bias).items()}
     return summary
 
 
-def print_accuracy(summary, collect_stats):
-    nan = float("nan")
-    print(f"held-out accuracy vs labelers {summary['heldout_acc_vs_labels']:.3f} (on these pairs two labelers agree "
-          f"{summary.get('heldout_expected_labeler_agreement', nan):.3f} in expectation, the best possible "
-          f"accuracy is {summary.get('heldout_bayes_accuracy', nan):.3f}; measured agreement on "
-          f"{collect_stats.get('agreement_pairs', 0)} double-labelled pairs "
-          f"{collect_stats.get('labeler_agreement', nan):.3f}; labels vs gold "
-          f"{collect_stats.get('label_vs_gold_accuracy', nan):.3f}); vs gold "
-          f"{summary['heldout_acc_vs_gold'] or nan:.3f}; length corr {summary['heldout_length_corr']:.2f}")
-
-
 def train(cfg):
     run = setup(cfg)
+    cfg = run.cfg  # with the defaults that follow the data resolved
     t1 = time.time()
     for m in range(cfg.ensemble):
         if run.step < (m + 1) * run.member_steps:  # members finished before a --resume are skipped
@@ -386,18 +373,22 @@ def train(cfg):
     if run.master:
         t_eval = time.time()
         summary |= evaluate_heldout(run, cfg)
+        warning = reward_model_warning(summary["heldout_acc_vs_labels"],  # and the last member's last epoch:
+                                       [h["accuracy"] for h in run.history[-run.steps_per_epoch:]])
+        summary["warnings"] = [warning] if warning else []
         run.normalization = normalize(run, cfg)
         summary["normalization"] = run.normalization
         if run.eval_rows:
             summary["best_of_n"] = evaluate_best_of_n(run.policy, run.rm, run.tok, run.eval_rows, cfg.best_of,
-                                                      cfg.temperature, cfg.max_new_tokens, cfg.seed + 1, run.dev.device)
+                                                      cfg.temperature, cfg.max_new_tokens, cfg.seed + 1, run.dev.device,
+                                                      judge=run.eval_judge)
         summary["eval_seconds"] = round(time.time() - t_eval, 1)
         save(run, cfg)
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                      ["loss", "accuracy", "val_acc_vs_labels", "val_acc_vs_gold", "val_mean_margin"],
                      title="reward model")
-        print_accuracy(summary, run.collect_stats)
+        print("\n".join([reward_model_line(summary, run.collect_stats)] + summary["warnings"]))
     ddp_cleanup()
     return run.rm, run.history
 

@@ -13,8 +13,9 @@ of docs/RLHF_DETAILS.md.
    reward.py trains it on; the sampled ids can be a different segmentation of the same text) and scores
    its last real token; an ensemble's score is its members' mean, and their variance is kept as a diagnostic (the members
    disagree most where the policy has left the data they were trained on). With reward "gold" the
-   embedded world's judge is the reward instead (oracle mode), normalised with the mean and std of the
-   first rollout's answers, since the reward model's normalisation (detail 7) does not apply to it.
+   gold judge is the reward instead (oracle mode: the embedded world's, or the user's --judge),
+   normalised with the mean and std of the first rollout's answers, since the reward model's
+   normalisation (detail 7) does not apply to it. The judge's verdicts are kept for logging either way.
 3. The EOS trick (detail 5): an answer that never ends gets the fixed score `no_eos_score`.
 4. Masked means everywhere (detail 10): padding and after-EOS tokens never enter a statistic;
    whitening uses statistics over every rank's real tokens.
@@ -37,34 +38,33 @@ import torch
 
 from common import all_reduce_sum
 from data import world as W
-from data.formats import read_prompts
-from engine import RewardEnsemble, encode_answers, left_pad, prompt_too_long, set_dropout
-from evaluate import compare_to_reference
+from engine import RewardEnsemble, encode_answers, left_pad, set_dropout
+from evaluate import compare_to_reference, judged_prompts
 from model import token_logprobs
 
 
 # ----------------------------------------------------------------------------- prompts
 
 def read_prompt_files(cfg, tok, block_size):
-    """The rollout prompts (cfg.prompts) and the held-out prompts of the world (cfg.eval_prompts, "" = none).
-    A prompt too long to answer within the context is dropped at load time, with a count and its line
-    numbers: it cannot be answered at all, and a few long prompts in a public dataset should not stop a
-    run (all of them dropped is an error). The gold judge reads each row's "world" field."""
-    rows, eval_rows = [read_prompts(path, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block_size))
-                       if path else [] for path in (cfg.prompts, cfg.eval_prompts)]
-    if cfg.reward == "gold" and not all(r.get("world") for r in rows):
-        raise SystemExit(f'error: --reward=gold needs a gold record (the "world" field the gold judge reads) on '
-                         f'every prompt of {cfg.prompts}')
-    return rows, [r for r in eval_rows if r.get("world")]
+    """The rollout prompts (cfg.prompts) and the held-out prompts (cfg.eval_prompts, "" = none), each with its
+    judge (evaluate.resolve_judge of cfg.judge: None, with a note, where none can judge them). A prompt too
+    long to answer within the context is dropped at load time, with a count and its line numbers: it cannot
+    be answered at all, and a few long prompts in a public dataset should not stop a run (all of them
+    dropped is an error). Returns (rows, judge, eval_rows, eval_judge)."""
+    rows, judge = judged_prompts(cfg.prompts, cfg.judge, tok, cfg.max_new_tokens, block_size, "the rollouts' gold")
+    if cfg.reward == "gold" and judge is None:
+        raise SystemExit(f"error: --reward=gold needs a gold judge of the prompts of {cfg.prompts} (--judge)")
+    return (rows, judge, *judged_prompts(cfg.eval_prompts, cfg.judge, tok, cfg.max_new_tokens, block_size))
 
 
-def final_evaluation(policy, ref, tok, eval_rows, cfg, device):
+def final_evaluation(policy, ref, tok, eval_rows, cfg, device, judge=W.judge_row):
     """Every step-3 method's last word: evaluate.compare_to_reference of the trained policy against the
     reference (SFT) on the held-out rows ({} without any), cfg.eval_samples answers per prompt at
-    cfg.temperature from cfg.seed, and the seconds it took (eval_seconds)."""
+    cfg.temperature from cfg.seed, judged by `judge` (None: what needs no judge), and the seconds it took
+    (eval_seconds)."""
     t0 = time.time()
     out = compare_to_reference(policy, ref, tok, eval_rows, cfg.eval_samples, cfg.temperature, device,
-                               cfg.max_new_tokens, seed=cfg.seed) if eval_rows else {}
+                               cfg.max_new_tokens, seed=cfg.seed, judge=judge) if eval_rows else {}
     return out | {"eval_seconds": round(time.time() - t0, 1)}
 
 
@@ -143,9 +143,11 @@ def answer_logprobs(policy, ro, rows, temperature):
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
-def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
+def rollout(policy, ref, rm, tok, rows, cfg, device, generator, judge=W.judge_row):
     """Sample one answer per prompt row, score it, and compute the reference's log-probs of its tokens.
-    Reads cfg.max_new_tokens, cfg.temperature and cfg.reward. Returns a dict of tensors and lists."""
+    Reads cfg.max_new_tokens, cfg.temperature and cfg.reward. judge(row, text, ended): the gold judge of the
+    rows (evaluate.resolve_judge), None for none; the default, the embedded world's, judges the rows that
+    carry its "world" field. Returns a dict of tensors and lists ("judged": a verdict or None per answer)."""
     prompt_ids, prompt_mask = left_pad([tok.render_chat(r["prompt"])[0] for r in rows], tok.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     policy.eval()
@@ -158,7 +160,7 @@ def rollout(policy, ref, rm, tok, rows, cfg, device, generator):
     P = prompt_ids.size(1)
     ended = ((resp == tok.end_id) & resp_mask.bool()).any(dim=1)
     texts = [tok.decode_response([t for t, m in zip(r, mk) if m]) for r, mk in zip(resp.tolist(), resp_mask.tolist())]
-    judged = [W.judge_row(r, t, bool(e)) if r.get("world") else None
+    judged = [None if judge is None or (judge is W.judge_row and not r.get("world")) else judge(r, t, bool(e))
               for r, t, e in zip(rows, texts, ended.tolist())]
     disagreement = None  # variance of an ensemble's member scores, per answer
     if cfg.reward == "gold":

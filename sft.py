@@ -1,7 +1,9 @@
 """Step 1 of InstructGPT: supervised fine-tuning (SFT) on demonstrations.
 
     python sft.py                                    # embedded world
-    python sft.py --init_from=gpt2 --train_data=alpaca/sft.jsonl --val_data=... --prompts=""
+    python sft.py --init_from=out/pretrain/ckpt.pt --train_data=task/sft_train.jsonl --val_data=task/sft_val.jsonl \
+        --prompts=task/heldout.jsonl --judge=task/judge.py:judge --out_dir=out/sft     # your own (docs/OWN_DATA.md)
+    python sft.py --init_from=gpt2 --train_data=data/public/alpaca/sft.jsonl
 
 Take the pretrained model and teach it the assistant format from (prompt, response) demonstrations:
 
@@ -19,7 +21,9 @@ Implementation details:
    AdamW, warmup then cosine decay, gradient clipping, validation loss on held-out demonstrations,
    atomic checkpoints and `--resume` (the data order is a seeded permutation per epoch).
 4. Evaluation on the held-out prompts: answers sampled at temperature 1 (8 per prompt) and greedy,
-   scored by the gold judge, next to the base model's.
+   scored by the gold judge (--judge: the embedded world's, or the user's own), next to the base model's.
+   With the user's own --train_data, --val_data and --prompts left out are skipped with a note, never
+   read from the embedded world (common.follow_data); so is the evaluation of rows no judge can read.
 5. Inputs are checked before anything is written: a demonstration whose prompt fills the context is
    an error naming its file and line (it would train on nothing); one whose answer runs past the
    context is cut there, with a note counting them and naming their lines; a held-out prompt too long
@@ -38,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from common import (all_reduce_sum, at_least, below, check_config, config_dict, ddp_cleanup, ddp_setup, ddp_wrap,
-                    folder, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device, plot_metrics,
-                    rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr, set_rng_state,
-                    set_seed, write_json)
-from data.formats import read_prompts, read_sft
-from engine import load_policy, prompt_too_long, set_dropout
-from evaluate import evaluate_policy
+                    folder, follow_data, load_state, lr_at, make_optimizer, open_run, per_rank, pick_device,
+                    plot_metrics, rank0_first, resume_checkpoint, rng_state, run_command, save_checkpoint, set_lr,
+                    set_rng_state, set_seed, write_json)
+from data.formats import read_sft
+from engine import load_policy, set_dropout
+from evaluate import a_judge, evaluate_policy, judged_prompts
 from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +60,8 @@ class Config:
     tokenizer: str = ""  # "" = the one stored in the checkpoint (gpt2 for GPT-2 weights)
     train_data: str = os.path.join(WORLD, "sft_train.jsonl")  # demonstrations {"prompt", "response"}
     val_data: str = os.path.join(WORLD, "sft_val.jsonl")  # held-out demonstrations for the val loss ("" = none)
-    prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts of the world (dev; "" = skip)
+    prompts: str = os.path.join(WORLD, "prompts_dev.jsonl")  # held-out prompts for the gold evaluation ("" = skip)
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     out_dir: Annotated[str, folder()] = os.path.join(HERE, "runs", "sft")  # checkpoint, metrics, summary, plot
     epochs: Annotated[int, at_least(1)] = 3  # passes over the demonstrations
     batch_size: Annotated[int, at_least(1), per_rank()] = 32  # demonstrations per optimizer step (global)
@@ -147,6 +152,10 @@ def setup(cfg):
     checkpoint on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     rank, world = ddp_setup(cfg.device)
     check_config(cfg, world)
+    cfg = follow_data(cfg, "train_data", {
+        "val_data": "no validation loss; pass --val_data=<held-out demonstrations> for one",
+        "prompts": "the gold evaluation is skipped; pass --prompts=<held-out prompts> --judge=FILE.py:function"},
+        checkpoints=("init_from",), master=rank == 0)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -160,11 +169,11 @@ def setup(cfg):
     block = model.config.block_size
     train_ex = read_examples(cfg.train_data, tok, block)
     val_ex = read_examples(cfg.val_data, tok, block) if cfg.val_data else []
-    eval_rows = [r for r in read_prompts(cfg.prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens,
-                                                                                 block)) if r.get("world")] \
-        if cfg.prompts else []  # a prompt that cannot be answered within the context is dropped, with a count
-    run = types.SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, raw_model=model,
-                                train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None, base_eval_seconds=0.0,
+    eval_rows, judge = judged_prompts(cfg.prompts, cfg.judge, tok, cfg.max_new_tokens, block)
+    eval_rows = eval_rows if judge else []  # nothing to evaluate without a judge of them
+    run = types.SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, dev=dev, tok=tok, raw_model=model,
+                                judge=judge, train_ex=train_ex, val_ex=val_ex, eval_rows=eval_rows, base_eval=None,
+                                base_eval_seconds=0.0,
                                 steps_per_epoch=math.ceil(len(train_ex) / cfg.batch_size), step=0, history=[],
                                 ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     run.max_steps = cfg.epochs * run.steps_per_epoch
@@ -172,7 +181,8 @@ def setup(cfg):
     if run.master and eval_rows and cfg.eval_base and not cfg.resume:
         print("evaluating the starting model on the held-out prompts ...")
         t0 = time.time()
-        run.base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens)
+        run.base_eval = evaluate_policy(model, tok, eval_rows, cfg.eval_samples, 1.0, dev.device, cfg.max_new_tokens,
+                                        judge=judge)
         run.base_eval_seconds = round(time.time() - t0, 1)
     run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, dev.device.split(":")[0])
     if ckpt is not None:
@@ -228,7 +238,7 @@ def evaluate_before_after(run, cfg):
     """The SFT model (and the starting model) on the held-out prompts: the rows of summary.json."""
     print("evaluating the SFT model on the held-out prompts ...")
     sft_eval = evaluate_policy(run.raw_model, run.tok, run.eval_rows, cfg.eval_samples, 1.0, run.dev.device,
-                               cfg.max_new_tokens)
+                               cfg.max_new_tokens, judge=run.judge)
     summary = {}
     for name, res in (("base", run.base_eval), ("sft", sft_eval)):
         if res is None:
@@ -247,6 +257,7 @@ def evaluate_before_after(run, cfg):
 
 def train(cfg):
     run = setup(cfg)
+    cfg = run.cfg  # with the defaults that follow the data resolved
     t0 = time.time()
     run.model.train()
     while run.step < run.max_steps:
@@ -256,8 +267,9 @@ def train(cfg):
             if run.val_ex:
                 row["val_loss"] = val_loss(run.raw_model, run.val_ex, run.tok.pad_id, 64, run.dev.device)
             if run.master:
-                print(f"step {run.step:5d}/{run.max_steps} | loss {row['train_loss']:.4f} | "
-                      f"val {row.get('val_loss', float('nan')):.4f} | lr {row['lr']:.2e} | {time.time() - t0:.0f}s")
+                val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
+                print(f"step {run.step:5d}/{run.max_steps} | loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e} | "
+                      f"{time.time() - t0:.0f}s")
         run.metrics.log(**row)  # the row and the history first, then the checkpoint that covers them
         run.history.append({k: v for k, v in row.items() if k in ("step", "train_loss", "val_loss")})
         if evaluating:

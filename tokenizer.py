@@ -3,6 +3,10 @@
 Train on a text file and write the ranks in tiktoken's file format:
 
     python tokenizer.py --input=data/world/corpus.txt --vocab_size=1024 --output=data/embedded.tiktoken
+    python tokenizer.py --input=task/corpus.txt --vocab_size=512    # writes task/corpus.tiktoken
+
+With your own --input and no --output, the ranks go next to the input (corpus.txt -> corpus.tiktoken),
+never over the embedded world's data/embedded.tiktoken; a missing or non-UTF-8 input is one error line.
 
 Implementation details:
 1. Pre-split with GPT-2's regex (Radford et al. 2019, sec. 2.2): merges never cross a word, a number
@@ -33,11 +37,13 @@ import dataclasses
 import os
 import time
 from collections import Counter, defaultdict
+from typing import Annotated
 
 import regex
 import tiktoken
 
-from common import parse_config, print_config
+from common import at_least, print_config, run_command
+from data.formats import read_corpus
 
 # tiktoken's gpt2 / r50k_base pat_str: GPT-2's original
 # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ rewritten to run faster.
@@ -49,8 +55,8 @@ EMBEDDED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 @dataclasses.dataclass
 class Config:
     input: str = "data/world/corpus.txt"  # text file to train on (written by `python -m data.world`)
-    vocab_size: int = 1024  # total vocabulary including the special tokens (= GPTConfig.vocab_size)
-    output: str = "data/embedded.tiktoken"  # where to write the ranks, in tiktoken's format
+    vocab_size: Annotated[int, at_least(256 + len(SPECIAL_TOKENS))] = 1024  # total vocabulary, special tokens included
+    output: str = "data/embedded.tiktoken"  # where to write the ranks, in tiktoken's format (see the docstring)
     verbose: bool = False  # print every merge
 
 
@@ -223,8 +229,7 @@ def tokens_per_word(tok, text):
 
 def train_from_file(input_path, vocab_size, output_path, verbose=False):
     """Train on a text file, save the ranks to `output_path`, return the Tokenizer it loads as."""
-    with open(input_path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_corpus(input_path)  # a missing or non-UTF-8 file: one error line naming it
     t0 = time.time()
     ranks = train_bpe(text, vocab_size, verbose)
     dt = time.time() - t0
@@ -235,11 +240,13 @@ def train_from_file(input_path, vocab_size, output_path, verbose=False):
     return tok
 
 
-def main():
-    cfg = parse_config(Config)
+def main(cfg):
+    if cfg.input != Config.input and cfg.output == Config.output:  # never overwrite the embedded world's BPE
+        cfg = dataclasses.replace(cfg, output=os.path.splitext(cfg.input)[0] + ".tiktoken")
+        print(f"note: --output not given with your own --input: writing {cfg.output}")
     print_config(cfg)
     train_from_file(cfg.input, cfg.vocab_size, cfg.output, cfg.verbose)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, Config)
