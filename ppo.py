@@ -110,7 +110,7 @@ class Config:
     ptx_coef: Annotated[float, at_least(0)] = 0.0  # PPO-ptx: weight of the pretraining loss (0 = plain PPO)
     ptx_batch: Annotated[int, at_least(1)] = 8  # pretraining sequences per minibatch when ptx_coef > 0
     grad_clip: Annotated[float, at_least(0)] = 1.0  # max gradient norm, policy and value model each
-    eval_samples: Annotated[int, at_least(1)] = 8  # samples per held-out prompt in the final evaluation
+    eval_samples: Annotated[int, at_least(1)] = 4  # samples per held-out prompt in the final evaluation
     save_interval: Annotated[int, at_least(1)] = 10  # iterations between checkpoints
     seed: int = 1337  # seeds the rollouts, the minibatch order and the evaluation samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -93,8 +93,8 @@ class Config:
     weight_decay: Annotated[float, at_least(0)] = 0.0  # AdamW, on 2-D weights only
     grad_clip: Annotated[float, at_least(0)] = 1.0  # max global gradient norm (0 = off)
     eval_interval: Annotated[int, at_least(1)] = 100  # steps between held-out evaluations (each scores all held out)
-    ensemble: Annotated[int, at_least(1)] = 3  # reward models trained from different seeds; the reward: their mean
-    best_of: Annotated[int, at_least(0)] = 16  # best-of-n evaluation up to this n on the held-out prompts (0 = skip)
+    ensemble: Annotated[int, at_least(1)] = 1  # reward models trained from different seeds; the reward: their mean
+    best_of: Annotated[int, at_least(0)] = 8  # best-of-n evaluation up to this n on the held-out prompts (0 = skip)
     n_norm: Annotated[int, at_least(1)] = 512  # demonstrations / SFT samples used for the score normalisation
     seed: int = 1337  # seeds sampling, labelling, the split; member m uses seed + m for its head and order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
