@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from common import (above, at_least, below, check_config, config_dict, folder, load_state, lr_at, make_optimizer,
                     one_process, open_run, pick_device, plot_metrics, resume_checkpoint, rng_state, run_command,
                     save_checkpoint, set_lr, set_rng_state, set_seed, write_json)
-from data.formats import read_comparisons, read_prompts, split_by_prompt
-from data.world import judge_row
-from engine import answers_too_long, load_model, load_reward_model, prompt_too_long, sequence_logprobs
+from data.formats import read_comparisons, split_by_prompt
+from engine import answers_too_long, load_model, load_reward_model, sequence_logprobs
+from evaluate import a_judge, gold_scores, judged_prompts, resolve_judge
 from rl import disable_dropout, final_evaluation, frozen
 from tokenizer import get_tokenizer
 
@@ -78,6 +78,7 @@ class Config:
     split_seed: int = 1337  # the split's seed when reward_model is ""
     val_fraction: Annotated[float, at_least(0), below(1)] = 0.1  # share of prompts held out when reward_model is ""
     eval_prompts: str = os.path.join(HERE, "data", "world", "prompts_dev.jsonl")  # final evaluation (dev; "" = skip)
+    judge: Annotated[str, a_judge()] = "world"  # gold judge: world | package.module:function | file.py:function
     out_dir: Annotated[str, folder()] = os.path.join(RUNS, "dpo")  # checkpoint, metrics, summary, plot
     beta: Annotated[float, above(0)] = 0.1  # KL coefficient of the implicit objective (DPO paper: 0.1)
     epochs: Annotated[int, at_least(1)] = 1  # passes over the training comparisons
@@ -171,10 +172,10 @@ def setup(cfg):
     train_comps, val_comps = split_by_prompt(comps, fraction, seed)
     if not train_comps:  # one prompt text in every comparison: split_by_prompt holds out at least one
         raise SystemExit(f"error: {cfg.comparisons}: every comparison has the one held-out prompt, none to train on")
-    eval_rows = read_prompts(cfg.eval_prompts, lambda r: prompt_too_long(tok, r["prompt"], cfg.max_new_tokens, block)) \
-        if cfg.eval_prompts else []
+    eval_rows, eval_judge = judged_prompts(cfg.eval_prompts, cfg.judge, tok, cfg.max_new_tokens, block)
+    val_judge = resolve_judge(cfg.judge, val_comps, cfg.comparisons, "the held-out accuracy against the gold judge")
     run = types.SimpleNamespace(device=device, tok=tok, policy=policy, ref=ref, train=encode(tok, train_comps, block),
-                                val=encode(tok, val_comps, block), eval_rows=[r for r in eval_rows if r.get("world")],
+                                val=encode(tok, val_comps, block), eval_rows=eval_rows, eval_judge=eval_judge,
                                 rm_acc=rm_acc, step=0, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
                                 steps_per_epoch=math.ceil(len(train_comps) / cfg.batch_size))
     run.max_steps = cfg.epochs * run.steps_per_epoch
@@ -184,8 +185,7 @@ def setup(cfg):
         for it, lp in zip(items, logprobs_of(ref, items, tok.pad_id, device)):
             it["ref"] = lp.to(device)
     run.ref_seconds = time.time() - t0
-    run.val_gold = [[judge_row(c, r, e)["score"] for r, e in zip(c["responses"], c.get("ended") or
-                     [True] * len(c["responses"]))] if c.get("world") else None for c in val_comps]  # the gold judge
+    run.val_gold = gold_scores(val_comps, val_judge)  # the gold judge's scores of the held-out answers
     run.optimizer = make_optimizer(policy, cfg.lr, 0.0, device.split(":")[0])
     if ckpt is not None:
         load_state(policy, ckpt["model"], run.ckpt_path)
@@ -270,7 +270,7 @@ def finish(run, cfg, t_start, first_eval):
           f"{summary.get('rm_heldout_acc_vs_gold')}); chosen log-prob {first_eval['val_chosen_logprob']:.2f} -> "
           f"{last['val_chosen_logprob']:.2f}, rejected {first_eval['val_rejected_logprob']:.2f} -> "
           f"{last['val_rejected_logprob']:.2f}")
-    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device)
+    summary |= final_evaluation(run.policy, run.ref, run.tok, run.eval_rows, cfg, run.device, run.eval_judge)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "training.png"),
                  ["loss", "accuracy", "margin", "val_acc_vs_labels", "val_acc_vs_gold", "chosen_logprob",

@@ -281,12 +281,14 @@ def test_follow_data_blanks_world_defaults_keeps_named_ones_and_refuses_world_ch
     common.save_checkpoint(world_ckpt, {"stage": "sft", "config": {"train_data": os.path.join(common.WORLD, "x.jsonl")}})
     common.save_checkpoint(own_ckpt, {"stage": "sft", "config": {"train_data": str(tmp_path / "mine.jsonl")}})
 
-    @dataclasses.dataclass
-    class Config:
-        train_data: str = os.path.join(common.WORLD, "sft_train.jsonl")
-        prompts: str = os.path.join(common.WORLD, "prompts_dev.jsonl")
-        val_data: str = os.path.join(common.WORLD, "sft_val.jsonl")
-        init_from: str = own_ckpt
+    def config_class(init_from):  # a stage's Config whose default checkpoint is init_from
+        return dataclasses.make_dataclass("Config", [
+            ("train_data", str, dataclasses.field(default=os.path.join(common.WORLD, "sft_train.jsonl"))),
+            ("prompts", str, dataclasses.field(default=os.path.join(common.WORLD, "prompts_dev.jsonl"))),
+            ("val_data", str, dataclasses.field(default=os.path.join(common.WORLD, "sft_val.jsonl"))),
+            ("init_from", str, dataclasses.field(default=init_from))])
+
+    Config = config_class(own_ckpt)
 
     followers = {"prompts": "the gold evaluation is skipped", "val_data": None}
     assert common.follow_data(Config(), "train_data", followers, ("init_from",)) == Config()  # the world's run
@@ -297,7 +299,7 @@ def test_follow_data_blanks_world_defaults_keeps_named_ones_and_refuses_world_ch
         "note: --prompts not given with your own --train_data: the gold evaluation is skipped"]  # val_data: silent
     cfg = common.follow_data(Config(train_data="mine.jsonl", prompts="p.jsonl"), "train_data", followers)
     assert cfg.prompts == "p.jsonl"  # named: kept
-    Config.init_from = world_ckpt
+    Config = config_class(world_ckpt)
     with pytest.raises(SystemExit, match="--init_from not given with your own --train_data: its default .* was "
                                          "trained on the embedded world"):
         common.follow_data(Config(train_data="mine.jsonl"), "train_data", followers, ("init_from",))
