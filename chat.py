@@ -42,7 +42,7 @@ import os
 import random
 import sys
 import types
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -323,13 +323,14 @@ def table(rows, with_answer):
 
 def main(cfg):
     one_shot = bool(cfg.prompt)
-    notes = io.StringIO()  # one-shot: setup's lines go to stderr once it succeeded (an error stays one line)
-    with redirect_stdout(notes if one_shot else sys.stdout):  # one-shot stdout = the table / answer only
+    out, notes = io.StringIO(), io.StringIO()  # setup's lines, shown once it succeeded: an error stays one line
+    with redirect_stdout(notes if one_shot else out), redirect_stderr(notes):  # one-shot stdout: the answer only
         if not one_shot:
             print_config(cfg)
         run = setup(cfg)
         if not one_shot:
             print(greeting(run))
+    sys.stdout.write(out.getvalue())
     sys.stderr.write(notes.getvalue())
     noted_case = False
     while True:

@@ -97,7 +97,8 @@ def reward_run(tiny_world, sft_run):
     run_script("reward.py", f"--init_from={sft_run}/ckpt.pt", f"--label_prompts={tiny_world.prompts_label}",
                f"--demonstrations={tiny_world.sft_train}", f"--eval_prompts={tiny_world.prompts_dev}",
                f"--world_dir={tiny_world.dir}", f"--out_dir={out}", "--k=4", "--double_label=20", "--epochs=2",
-               "--batch_size=8", "--warmup_steps=2", "--best_of=4", f"--max_new_tokens={MAX_NEW_TOKENS}")
+               "--batch_size=8", "--warmup_steps=2", "--best_of=4", f"--max_new_tokens={MAX_NEW_TOKENS}",
+               "--ensemble=2")  # two members: PPO's tests see an ensemble (the default is one model)
     return out
 
 

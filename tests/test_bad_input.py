@@ -169,7 +169,7 @@ CASES = [
      {"long.jsonl": jsonl({"prompt": LONG})}, "ppo", "long.jsonl line 1: a prompt of"),
     ("reward --ensemble=0 (before sampling)", "reward", ["--ensemble=0"], {}, "reward", "--ensemble=0: must be at"),
     ("ppo --reward=gold without records", "ppo", ["--reward=gold", "--prompts={tmp}/p.jsonl"],
-     {"p.jsonl": jsonl({"prompt": "say hi."})}, "ppo", "--reward=gold needs a gold record"),
+     {"p.jsonl": jsonl({"prompt": "say hi."})}, "ppo", "--reward=gold needs a gold judge"),
     ("ppo-ptx without pretraining tokens", "ppo", ["--pretrain_tokens={tmp}/none"], {}, "ppo",
      "--ptx_coef=0.1 needs"),
     ("ppo-ptx, tokens of another tokenizer", "ppo", ["--pretrain_tokens={tmp}/big"],
@@ -205,7 +205,8 @@ CASES = [
     ("sft --max_new_tokens=0", "sft", ["--max_new_tokens=0"], {}, "sft", "--max_new_tokens=0: must be at least 1"),
     ("ppo --max_new_tokens=0", "ppo", ["--max_new_tokens=0"], {}, "ppo", "--max_new_tokens=0: must be at least 1"),
     ("chat --max_new_tokens=0", "chat", ["--max_new_tokens=0"], {}, None, "--max_new_tokens=0: must be at least 1"),
-    ("chat --max_new_tokens past the context", "chat", ["--max_new_tokens=200"], {}, None, "must be at most 93"),
+    ("chat --max_new_tokens past the context", "chat", ["--max_new_tokens=200"], {}, None,
+     "--max_new_tokens=200 leaves no room for a prompt"),
     ("pretrain --block_size=0", "pretrain", ["--block_size=0"], {}, "pretrain", "--block_size=0: must be at least 1"),
     ("chat --temperature=-1", "chat", ["--temperature=-1"], {}, None, "--temperature=-1.0: must be at least 0"),
     ("chat --top_k=-1", "chat", ["--top_k=-1"], {}, None, "--top_k=-1: must be at least 0"),
@@ -262,7 +263,7 @@ CASES = [
     ("grpo, every prompt too long", "grpo", ["--prompts={tmp}/long.jsonl"], {"long.jsonl": jsonl({"prompt": LONG})},
      "grpo", "long.jsonl line 1: a prompt of"),
     ("grpo --reward=gold without records", "grpo", ["--reward=gold", "--prompts={tmp}/p.jsonl"],
-     {"p.jsonl": jsonl({"prompt": "say hi."})}, "grpo", "--reward=gold needs a gold record"),
+     {"p.jsonl": jsonl({"prompt": "say hi."})}, "grpo", "--reward=gold needs a gold judge"),
     ("grpo, a policy as reward model", "grpo", ["--reward_model={sft}/ckpt.pt"], {}, "grpo",
      "is not a reward model checkpoint"),
     ("grpo, RM of another tokenizer", "grpo", ["--reward_model={tmp}/rm_gpt2.pt"], {}, "grpo", "uses tokenizer 'gpt2'"),
@@ -465,7 +466,7 @@ def test_overlong_prompts_are_dropped_at_load_time_with_their_lines(tiny_world, 
     path.write_text(jsonl({"prompt": "say hi."}, {"prompt": LONG}, "", {"prompt": "what is 2 plus 3?"},
                           {"prompt": LONG}))
     cfg = ppo.Config(prompts=str(path), eval_prompts="", max_new_tokens=MAX_NEW_TOKENS)
-    rows, _ = ppo.read_prompt_files(cfg, get_tokenizer(tiny_world.tok), 96)
+    rows, *_ = ppo.read_prompt_files(cfg, get_tokenizer(tiny_world.tok), 96)
     assert [r["prompt"] for r in rows] == ["say hi.", "what is 2 plus 3?"]
     out = capsys.readouterr().out
     assert f"{path}: dropped 2 of 4 prompts longer than the context (lines 2, 5; line 2: a prompt of" in out

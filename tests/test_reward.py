@@ -276,7 +276,7 @@ def test_ensemble_trains_members_in_turn_and_resume_reproduces_it(tiny_world, sf
     b = read_jsonl(os.path.join(split, "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(1, 2 * ms + 1))
     assert a == b  # every metric of every row, bit for bit (reward rows carry no timing)
-    timing = ("collect_seconds", "train_seconds")
+    timing = ("collect_seconds", "train_seconds", "eval_seconds")
     assert {k: v for k, v in s.items() if k not in timing} == \
         {k: v for k, v in read_json(os.path.join(split, "summary.json")).items() if k not in timing}
     cb = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
