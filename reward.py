@@ -29,7 +29,8 @@ Implementation details:
    accuracy against the labels and against the gold judge (--judge, the world's or the user's), both per
    answer pair like the labelers' ceilings on the same pairs (embedded world only), mean margin, a
    calibration plot, the correlation of reward with answer length, a warning when the accuracy is close
-   to chance; and best-of-n (the cheapest use of a reward model) at n = 1..16 with KL = log n - (n-1)/n.
+   to chance; and best-of-n (the cheapest use of a reward model) at n = 1, 2, 4, ... up to --best_of,
+   with KL = log n - (n-1)/n.
 6. `--ensemble=N` trains N reward models on the same comparisons, one after the other, from different
    seeds (head initialisation, data order); the reward is their mean (Coste et al. 2023). Each
    member's own held-out accuracy is reported beside the ensemble's.

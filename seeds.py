@@ -82,14 +82,64 @@ def markdown(per_seed, summary, machine):
         lines.append(f"| {r['seed']} | {r['ppo_gain']:+.3f} {c('ppo_gain_ci95')} | {r['ppo_gain_greedy']:+.3f} "
                      f"{c('ppo_gain_greedy_ci95')} | {r['ppo_win_rate']:.3f} [{r['ppo_win_rate_ci95'][0]:.3f}, "
                      f"{r['ppo_win_rate_ci95'][1]:.3f}] |")
+    lines += stage_lines(per_seed) + family_lines(per_seed)
     return "\n".join(lines) + "\n"
 
 
+def stage_lines(per_seed):
+    """The stage-time table: each stage's median seconds over seeds, with its range."""
+    stages = [k for k in per_seed[0].get("stage_seconds", {}) if all(k in r.get("stage_seconds", {}) for r in per_seed)]
+    if not stages:
+        return []
+    cell = lambda k: "{:.0f} ({:.0f}-{:.0f})".format(*(f(r["stage_seconds"][k] for r in per_seed) for f in (
+        lambda v: statistics.median(list(v)), min, max)))
+    return ["", "Stage times in seconds, median (range) over the seeds (`runs/report.md` splits each stage further):", "",
+            "| " + " | ".join(stages) + " | total |", "|" + "---|" * (len(stages) + 1),
+            "| " + " | ".join(cell(k) for k in stages) + " | " + "{:.0f} ({:.0f}-{:.0f}) |".format(
+                statistics.median([r["total_seconds"] for r in per_seed]), min(r["total_seconds"] for r in per_seed),
+                max(r["total_seconds"] for r in per_seed))]
+
+
+def family_lines(per_seed):
+    """Pass rate by task family (sampled), SFT -> PPO -> oracle, medians over seeds, with the number of prompts."""
+    fams = {}
+    for r in per_seed:
+        for name, key in (("sft", "sft_by_family"), ("ppo", "policy_by_family"), ("oracle", "oracle_by_family")):
+            for fam, d in (r.get(key) or {}).items():
+                fams.setdefault(fam, {}).setdefault(name, []).append(d["pass_rate"])
+                fams[fam]["prompts"] = d["prompts"]
+    if not fams:
+        return []
+    med = lambda v: f"{statistics.median(v):.3f}" if v and len(v) == len(per_seed) else "n/a"
+    lines = ["", "Pass rate by task family (sampled answers), median over the seeds:", "",
+             "| family | test prompts | SFT | PPO | oracle |", "|---|---|---|---|---|"]
+    for fam in sorted(fams):
+        f = fams[fam]
+        lines.append(f"| {fam} | {f['prompts']} | {med(f.get('sft'))} | {med(f.get('ppo'))} | {med(f.get('oracle'))} |")
+    return lines
+
+
+def by_family(run_dir, r):
+    """A seed's results.json row with the per-family tables of its PPO and oracle runs (their summary.json)."""
+    for stage, keys in (("ppo", (("sft_by_family", "sft_by_family"), ("policy_by_family", "policy_by_family"))),
+                        ("oracle", (("oracle_by_family", "policy_by_family"),))):
+        path = os.path.join(run_dir, stage, "summary.json")
+        if os.path.exists(path):
+            summary = json.load(open(path))
+            r |= {mine: summary.get(theirs) for mine, theirs in keys}
+    return r
+
+
 def update_readme(path, block):
+    """README's results block rewritten with `block` (None: only check that the file has the block)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: option --readme={path}: no such file")
     with open(path) as f:
         text = f.read()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"error: {path} has no results block ({BEGIN} ... {END}) to rewrite")
+    if block is None:
+        return
     head, rest = text.split(BEGIN, 1)
     with open(path, "w") as f:
         f.write(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
@@ -103,6 +153,8 @@ def main(cfg):
         seeds = []
     if not seeds:
         raise SystemExit(f"error: option --seeds={cfg.seeds!r}: expected comma-separated integers, e.g. --seeds=1,2,3")
+    if cfg.readme:  # checked before any run: hours of seeds should not end on a README without its block
+        update_readme(cfg.readme, None)
     per_seed = []
     for s in seeds:
         run_dir = os.path.join(cfg.runs, f"seed_{s}")
@@ -113,7 +165,7 @@ def main(cfg):
             print(f"seed {s}: pipeline done in {time.time() - t0:.0f}s")
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} does not exist (run with --run=true)")
-        per_seed.append(json.load(open(path)))
+        per_seed.append(by_family(run_dir, json.load(open(path))))
     summary = summarize_seeds(per_seed)
     import torch
     machine = (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
