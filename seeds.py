@@ -33,6 +33,7 @@ HEADLINE = [("sft_pass", "SFT pass rate (sampled)", 3), ("sft_pass_greedy", "SFT
             ("ppo_gain", "PPO - SFT pass rate (sampled)", 3), ("ppo_gain_greedy", "PPO - SFT pass rate (greedy)", 3),
             ("ppo_win_rate", "PPO win rate vs SFT", 3), ("ppo_kl", "PPO KL to SFT (nats)", 2),
             ("oracle_pass", "oracle pass rate (sampled)", 3), ("oracle_gain", "oracle - SFT pass rate (sampled)", 3),
+            ("oracle_gain_greedy", "oracle - SFT pass rate (greedy)", 3),
             ("oracle_share", "share of the oracle's gold gain PPO recovers", 2),
             ("bon_rm_pass", "best-of-n by the RM, pass rate", 3), ("bon_gold_pass", "best-of-n by gold, pass rate", 3),
             ("rm_acc_labels", "RM accuracy vs labelers", 3), ("rm_acc_gold", "RM accuracy vs gold", 3),
