@@ -52,21 +52,18 @@ import copy
 import os
 import random
 import time
-import types
 from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 
 from common import (above, at_least, check_config, config_dict, folder, load_state, one_of, one_process, open_run,
-                    option_error, pick_device, plot_metrics, read_jsonl, resume_checkpoint, rng_state, run_command,
-                    save_checkpoint, set_rng_state, set_seed, write_json)
-from engine import load_model, load_reward_model
+                    option_error, plot_metrics, read_jsonl, resume_checkpoint, rng_state, run_command, save_checkpoint,
+                    set_rng_state, write_json)
 from evaluate import a_judge
 from rl import (answer_logprobs, clipped_surrogate, disable_dropout, entropy_from_logits, epoch_orders,
-                final_evaluation, frozen, gold_means, kl_penalty, masked_mean, read_prompt_files, rollout,
+                final_evaluation, frozen, gold_means, kl_penalty, load_online_inputs, masked_mean, rollout,
                 score_rollout, set_stream_state, stream_state, training_summary)
-from tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(HERE, "data", "world")
@@ -164,23 +161,14 @@ def setup(cfg):
     """Options and inputs checked; the three models, the optimizer, the prompts and the random streams, restored
     on --resume; metrics.jsonl is opened last, when nothing can fail on bad input."""
     check(cfg, one_process("grpo.py"))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device).device
-    policy, sft_ckpt = load_model(cfg.sft, device)
-    tok = get_tokenizer(sft_ckpt.get("tokenizer", "embedded"))
-    rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
-    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok,
-                                                           min(policy.config.block_size, rm.gpt.config.block_size))
+    run = load_online_inputs(cfg)
+    cfg, policy = run.cfg, disable_dropout(run.__dict__.pop("sft"))  # the SFT model: the policy's start
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = resume_checkpoint(ckpt_path, "grpo", "iteration", cfg.iterations) if cfg.resume else None
-    run = types.SimpleNamespace(
-        device=device, tok=tok, policy=disable_dropout(policy), ref=frozen(copy.deepcopy(policy)), rm=rm, rows=rows,
-        judge=judge, eval_rows=eval_rows, eval_judge=eval_judge,
-        optimizer=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5), it=0,
-        gold_norm=None, batch=cfg.prompts_per_iter * cfg.k, ckpt_path=ckpt_path,
-        gen=torch.Generator(device=device).manual_seed(cfg.seed), prompt_rng=random.Random(cfg.seed))
+    run.policy, run.ref = policy, frozen(copy.deepcopy(policy))
+    run.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    run.__dict__.update(it=0, gold_norm=None, batch=cfg.prompts_per_iter * cfg.k, ckpt_path=ckpt_path,
+                        gen=torch.Generator(device=run.device).manual_seed(cfg.seed), prompt_rng=random.Random(cfg.seed))
     if ckpt is not None:  # the weights, the optimizer and every random stream of the checkpoint
         load_state(policy, ckpt["model"], ckpt_path)
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -275,6 +263,7 @@ def finish(run, cfg, t_start):
 
 def train(cfg):
     run = setup(cfg)
+    cfg = run.cfg  # with the defaults that follow the data resolved
     t_start = time.time()
     while run.it < cfg.iterations:
         t0 = time.time()

@@ -40,7 +40,6 @@ import math
 import os
 import random
 import time
-import types
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -48,13 +47,11 @@ import torch
 
 import sft
 from common import (above, at_least, check_config, config_dict, folder, one_of, one_process, open_run, or_infinite,
-                    pick_device, plot_metrics, read_jsonl, resume_checkpoint, run_command, save_checkpoint, set_seed,
-                    write_json)
+                    plot_metrics, read_jsonl, resume_checkpoint, run_command, save_checkpoint, write_json)
 from data.formats import write_jsonl
-from engine import load_model, load_reward_model
+from engine import load_model
 from evaluate import a_judge
-from rl import disable_dropout, final_evaluation, frozen, gold_means, read_prompt_files, rollout, score_rollout
-from tokenizer import get_tokenizer
+from rl import disable_dropout, final_evaluation, frozen, gold_means, load_online_inputs, rollout, score_rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(HERE, "data", "world")
@@ -145,18 +142,10 @@ def setup(cfg):
     """Options and inputs checked; the reference, the reward model, the prompts and the current policy's
     checkpoint (the SFT model, or the last finished round's on --resume); metrics.jsonl is opened last."""
     check(cfg, one_process("rejection.py"))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device).device
-    ref, ckpt = load_model(cfg.sft, device)
-    tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
-    rm = frozen(load_reward_model(cfg.reward_model, device, tok)[0])  # refuses a reward model of another tokenizer
-    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok,
-                                                           min(ref.config.block_size, rm.gpt.config.block_size))
-    run = types.SimpleNamespace(device=device, tok=tok, ref=frozen(ref), rm=rm, rows=rows, judge=judge,
-                                eval_rows=eval_rows, eval_judge=eval_judge,
-                                round=0, current=cfg.sft, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    run = load_online_inputs(cfg)
+    cfg = run.cfg
+    run.ref = frozen(run.__dict__.pop("sft"))  # the evaluation's reference; each round loads its own policy
+    run.__dict__.update(round=0, current=cfg.sft, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     if cfg.resume:
         run.round = resume_checkpoint(run.ckpt_path, "rejection", "round", cfg.rounds)["round"]
         run.current = run.ckpt_path  # the policy after that round
@@ -219,6 +208,7 @@ def finish(run, cfg, t_start):
 
 def train(cfg):
     run = setup(cfg)
+    cfg = run.cfg  # with the defaults that follow the data resolved
     t_start = time.time()
     while run.round < cfg.rounds:
         run.metrics.log(**train_round(run, cfg))  # the row first, then the checkpoint that covers it

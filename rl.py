@@ -33,14 +33,16 @@ Shapes: B answers in the rollout, P prompt length (left-padded), N answer length
 """
 import math
 import time
+import types
 
 import torch
 
-from common import all_reduce_sum
+from common import all_reduce_sum, follow_data, pick_device, set_seed
 from data import world as W
-from engine import RewardEnsemble, encode_answers, left_pad, set_dropout
+from engine import RewardEnsemble, encode_answers, left_pad, load_model, load_reward_model, set_dropout
 from evaluate import compare_to_reference, judged_prompts
 from model import token_logprobs
+from tokenizer import get_tokenizer
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -55,6 +57,28 @@ def read_prompt_files(cfg, tok, block_size):
     if cfg.reward == "gold" and judge is None:
         raise SystemExit(f"error: --reward=gold needs a gold judge of the prompts of {cfg.prompts} (--judge)")
     return (rows, judge, *judged_prompts(cfg.eval_prompts, cfg.judge, tok, cfg.max_new_tokens, block_size))
+
+
+def load_online_inputs(cfg):
+    """What grpo.py and rejection.py start from, after their option checks (ppo.py does the same under
+    torchrun): the defaults that follow the data (common.follow_data: with your own --prompts, the world's
+    held-out prompts are not read), threads and seed, the device, the SFT model and its tokenizer, the
+    frozen reward model (of the same tokenizer, normalised) and the prompt files with their judges.
+    Returns a namespace: cfg (resolved), device, sft, tok, rm, rows, judge, eval_rows, eval_judge."""
+    cfg = follow_data(cfg, "prompts", {
+        "eval_prompts": "no held-out evaluation; pass --eval_prompts=<held-out prompts> [--judge=FILE.py:function]"},
+        checkpoints=("sft", "reward_model"))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device).device
+    sft, ckpt = load_model(cfg.sft, device)
+    tok = get_tokenizer(ckpt.get("tokenizer", "embedded"))
+    rm = frozen(load_reward_model(cfg.reward_model, device, tok, normalized=True)[0])
+    rows, judge, eval_rows, eval_judge = read_prompt_files(cfg, tok, min(sft.config.block_size,
+                                                                          rm.gpt.config.block_size))
+    return types.SimpleNamespace(cfg=cfg, device=device, sft=sft, tok=tok, rm=rm, rows=rows, judge=judge,
+                                 eval_rows=eval_rows, eval_judge=eval_judge)
 
 
 def final_evaluation(policy, ref, tok, eval_rows, cfg, device, judge=W.judge_row):

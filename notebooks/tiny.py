@@ -146,7 +146,7 @@ def ensure(stage="reward"):
     restore_inline_figures()
     os.makedirs(p.work, exist_ok=True)
     print(f"using the {p.kind} chain: " + ("runs/ of `python pipeline.py`" if p.kind == "full" else
-                                          f"tiny checkpoints in {cache_dir()}"))
+                                          f"tiny checkpoints in {os.path.relpath(cache_dir(), REPO)}"))
     return p
 
 
