@@ -8,10 +8,12 @@
 
 The budget is a number of sampled answers (--budget, default 6,400 = ppo.py's 100 iterations x 64):
 
-    ppo        budget / 64 iterations of 64 prompts (ppo.py's defaults otherwise)
+    ppo        budget / 64 iterations of 64 prompts, plain PPO at GRPO's update schedule: without ppo.py's
+               default pretraining mix (PPO-ptx: no other method has one) and with 4 epochs, not ppo.py's 2
+               (chosen with PPO-ptx on); ppo.py's defaults otherwise
     rloo       budget / 64 iterations of 16 prompts x k = 4; one update per batch (ppo_epochs 1, minibatch
                64: plain REINFORCE with the leave-one-out baseline, Ahmadian et al. 2024) at lr 1e-4
-    grpo       budget / 64 iterations of 16 prompts x 4, ppo.py's update schedule (4 epochs of minibatches of 16)
+    grpo       budget / 64 iterations of 16 prompts x 4, PPO's update schedule here (4 epochs of minibatches of 16)
     drgrpo     the same with Dr. GRPO's advantage and loss
     rejection  one round of budget / 8 prompts x n = 8, then sft.py on the winners
     dpo        samples nothing: it trains on the comparisons the reward model trained on (K answers to each
@@ -45,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "runs")
 BEGIN, END = "<!-- methods:begin (written by compare.py) -->", "<!-- methods:end -->"
 # name: (script, its options beyond the shared ones and the budget's); the order of the table
-METHODS = {"ppo": ("ppo", {}),
+METHODS = {"ppo": ("ppo", {"ptx_coef": 0.0, "ppo_epochs": 4}),  # no pretraining mix, GRPO's 4 epochs: see above
            "rloo": ("grpo", {"estimator": "rloo", "ppo_epochs": 1, "minibatch": 64, "lr": 1e-4}),
            "grpo": ("grpo", {"estimator": "grpo"}),
            "drgrpo": ("grpo", {"estimator": "drgrpo"}),

@@ -11,8 +11,9 @@ both curves against d = sqrt(KL(policy || SFT)) as Gao et al. do:
 1. Best-of-n: for n = 1, 2, 4, ..., n_max pick the SFT sample with the highest RM score;
    KL = log n - (n-1)/n (exact for best-of-n). Each prompt's n_max samples are split into groups of n
    so every n uses all samples. Fit gold(d) - gold(0) = d (a - b d).
-2. RL: PPO with beta = 0 (no KL penalty) run long, logging proxy reward, gold and the sampled KL to the
-   reference every iteration. Fit gold(d) - gold(0) = d (a - b log d) for d >= 0.3.
+2. RL: PPO with beta = 0 (no KL penalty, no PPO-ptx, 4 epochs per rollout) run long, logging proxy reward,
+   gold and the sampled KL to the reference every iteration. Fit gold(d) - gold(0) = d (a - b log d) for
+   d >= 0.3.
 3. Examples of the answers PPO without a KL penalty ends up with, with their proxy and gold scores.
 The gold judge is --judge (the embedded world's by default, or the user's): the study needs one for
 --prompts and, for the RL curve, for --ppo_prompts. With the user's own --prompts, --ppo_prompts left
@@ -104,13 +105,14 @@ def plot(bon, rl, fits, path):
 
 
 def rl_curve(cfg, rm, rows, tok, device, judge):
-    """PPO with beta = 0 from the SFT model: its metrics rows, the fit of the RL form, the peak, and the
-    answers the final (hacked) policy gives, with their proxy and gold scores."""
+    """PPO from the SFT model with beta = 0 and no PPO-ptx (nothing holds it near the SFT model): its metrics
+    rows, the fit of the RL form, the peak, and the answers the final (hacked) policy gives, with their proxy
+    and gold scores."""
     import ppo
     ppo_dir = os.path.join(cfg.out_dir, "ppo_beta0")
     ppo.train(ppo.Config(sft=cfg.sft, reward_model=cfg.reward_model, prompts=cfg.ppo_prompts, judge=cfg.judge,
-                         out_dir=ppo_dir, beta=0.0, iterations=cfg.ppo_iterations, lr=cfg.ppo_lr, eval_prompts="",
-                         seed=cfg.seed, device=cfg.device))
+                         out_dir=ppo_dir, beta=0.0, ptx_coef=0.0, ppo_epochs=4, iterations=cfg.ppo_iterations,
+                         lr=cfg.ppo_lr, eval_prompts="", seed=cfg.seed, device=cfg.device))
     rl = read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
     d_rl = np.sqrt(np.maximum([r["kl_to_ref"] for r in rl], 0))
     g_rl = np.array([r["gold"] - rl[0]["gold"] for r in rl])

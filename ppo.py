@@ -41,21 +41,24 @@ Huang et al. 2023/2024, "The N(+) implementation details of RLHF with PPO"):
 11. Gradient clipping; Adam with a small learning rate.
 12. beta fixed, or Ziegler's adaptive controller: e = clip(KL/target - 1, -0.2, 0.2),
     beta <- beta * (1 + e * batch / horizon).
-13. PPO-ptx (InstructGPT eq. 2): optionally add ptx_coef * the pretraining LM loss; the held-out
+13. PPO-ptx (InstructGPT eq. 2): add ptx_coef * the pretraining LM loss (on by default: on dev it kept
+    what the pretraining corpus states about held-out topics, which plain PPO lost); the held-out
     pretraining loss of the SFT model and of the policy is measured at the end (the "alignment tax").
+    Without pretraining tokens (your own data, a GPT-2 start) the default turns into plain PPO, noted.
 14. Inputs are checked before anything is written (a too long prompt is dropped, with a count; a reward
     model that reward.py did not normalise is refused); --resume is exact. With the user's own --prompts,
     --eval_prompts and --pretrain_tokens left out are skipped with a note, never read (common.follow_data).
 Simplifications: a ~1M-parameter model; the paper's gamma = 27.8 for PPO-ptx is not transferable to
-this scale (tune ptx_coef); the oracle mode normalises the gold score with the mean and std of the
-first rollout's answers. How the defaults were chosen: docs/EXPERIMENTS.md.
+this scale (ours, 2.0, weighs a per-token mean LM loss against per-token mean PPO losses; tune it); the
+oracle mode normalises the gold score with the mean and std of the first rollout's answers. How the
+defaults were chosen: docs/EXPERIMENTS.md.
 """
 import copy
 import os
 import random
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import torch
@@ -91,7 +94,7 @@ class Config:
     iterations: Annotated[int, at_least(1)] = 100  # rollout + update cycles
     rollout_batch: Annotated[int, at_least(1), per_rank()] = 64  # prompts per rollout (global across ranks)
     minibatch: Annotated[int, at_least(1)] = 16  # answers per gradient step
-    ppo_epochs: Annotated[int, at_least(1)] = 4  # passes over each rollout
+    ppo_epochs: Annotated[int, at_least(1)] = 2  # passes over each rollout
     temperature: Annotated[float, above(0)] = 1.0  # sampling temperature, also used for every log-prob
     max_new_tokens: Annotated[int, at_least(1)] = 48  # longest answer, in tokens
     lr: Annotated[float, at_least(0)] = 3e-5  # policy learning rate
@@ -107,7 +110,7 @@ class Config:
     lam: Annotated[float, at_least(0), at_most(1)] = 0.95  # GAE lambda
     no_eos_score: float = -1.0  # score of an answer that never emits <|end|>
     value_model: Annotated[str, one_of("separate", "shared")] = "separate"  # separate (critic from the RM) | shared
-    ptx_coef: Annotated[float, at_least(0)] = 0.0  # PPO-ptx: weight of the pretraining loss (0 = plain PPO)
+    ptx_coef: Annotated[float, at_least(0)] = 2.0  # PPO-ptx: pretraining-loss weight (0 = plain PPO; see load_ptx_tokens)
     ptx_batch: Annotated[int, at_least(1)] = 8  # pretraining sequences per minibatch when ptx_coef > 0
     grad_clip: Annotated[float, at_least(0)] = 1.0  # max gradient norm, policy and value model each
     eval_samples: Annotated[int, at_least(1)] = 4  # samples per held-out prompt in the final evaluation
@@ -199,15 +202,21 @@ class ActorCritic(nn.Module):
 
 # ----------------------------------------------------------------------------- the steps of train()
 
-def load_ptx_tokens(cfg, model_config):
+def load_ptx_tokens(cfg, model_config, master=True):
     """The pretraining token files (train, val) as memmaps, for PPO-ptx and the alignment tax, or None; an error
-    when --ptx_coef asks for them or --pretrain_tokens names a folder that cannot be used."""
+    when an explicit --ptx_coef asks for them or --pretrain_tokens names a folder that cannot be used. The
+    default coefficient with the default (or no) tokens unusable turns PPO-ptx off, with a note."""
     tokens, problem = token_files(cfg.pretrain_tokens, model_config.vocab_size, min(128, model_config.block_size)) \
         if cfg.pretrain_tokens else (None, "needs --pretrain_tokens")
-    if problem and cfg.ptx_coef > 0:
+    if problem and cfg.ptx_coef > 0 and cfg.ptx_coef != Config.ptx_coef:
         raise SystemExit(f"error: option --ptx_coef={cfg.ptx_coef} {problem}")
     if problem and cfg.pretrain_tokens not in ("", Config.pretrain_tokens):
-        raise SystemExit(f"error: option --pretrain_tokens={cfg.pretrain_tokens}: the alignment tax {problem}")
+        what = "PPO-ptx (on by default)" if cfg.ptx_coef > 0 else "the alignment tax"
+        raise SystemExit(f"error: option --pretrain_tokens={cfg.pretrain_tokens}: {what} {problem}")
+    if problem and cfg.ptx_coef > 0:  # the default coefficient, the default tokens missing (or none): plain PPO
+        if cfg.pretrain_tokens and master:  # "" was asked for, or follow_data has said so: no second note
+            print(f"note: PPO-ptx off (plain PPO, no alignment tax): --pretrain_tokens {problem}")
+        return None  # setup then sets ptx_coef to 0
     return tokens
 
 
@@ -218,7 +227,7 @@ def setup(cfg):
     check(cfg, world)
     cfg = follow_data(cfg, "prompts", {
         "eval_prompts": "no held-out evaluation; pass --eval_prompts=<held-out prompts> [--judge=FILE.py:function]",
-        "pretrain_tokens": "no alignment tax; pass --pretrain_tokens=<pretrain out_dir>/tokens"},
+        "pretrain_tokens": "no PPO-ptx and no alignment tax; pass --pretrain_tokens=<pretrain out_dir>/tokens"},
         checkpoints=("sft", "reward_model"), master=rank == 0)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -244,11 +253,14 @@ def setup(cfg):
     value_params = list(critic.head.parameters()) if cfg.value_model == "shared" else list(critic.parameters())
     optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": cfg.lr},
                                   {"params": value_params, "lr": cfg.value_lr}], eps=1e-5)
+    ptx = load_ptx_tokens(cfg, policy.config, rank == 0)
+    if ptx is None and cfg.ptx_coef > 0:  # the default coefficient, no pretraining tokens: plain PPO
+        cfg = replace(cfg, ptx_coef=0.0)
     run = types.SimpleNamespace(
         cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, tok=tok, policy=policy, ref=ref, rm=rm,
         critic=critic, ac=ac, value_params=value_params, optimizer=optimizer, rows=rows, eval_rows=eval_rows,
         judge=judge, eval_judge=eval_judge,
-        local_batch=cfg.rollout_batch // world, ptx=load_ptx_tokens(cfg, policy.config), it=0, beta=cfg.beta,
+        local_batch=cfg.rollout_batch // world, ptx=ptx, it=0, beta=cfg.beta,
         gold_norm=None, ckpt_path=ckpt_path, gen=torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank),
         prompt_rng=random.Random(cfg.seed + rank), ptx_gen=torch.Generator().manual_seed(cfg.seed + 17 + rank))
     if ckpt is not None:

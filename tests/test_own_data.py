@@ -229,7 +229,7 @@ MISTAKES = [
     ("ppo, an unnormalised reward model", "ppo", ["--reward_model=unnormalised.pt"], "is not normalised"),
     ("ppo, oracle mode without a judge", "ppo", ["--judge="], "--reward=gold needs a gold judge"),
     ("ppo, a mistyped --pretrain_tokens", "ppo", ["--pretrain_tokens=out/pretrain/token"],
-     "--pretrain_tokens=out/pretrain/token: the alignment tax needs"),
+     "--pretrain_tokens=out/pretrain/token: PPO-ptx (on by default) needs"),
     ("ppo, a mistyped --eval_prompts", "ppo", ["--eval_prompts=task/heldout"], "task/heldout: no such file"),
 ]
 

@@ -265,7 +265,7 @@ def ppo_gold_run(tiny_world, pretrain_run, sft_run, reward_run):
     out = os.path.join(tiny_world.root, "ppo_gold")
     run_script("ppo.py", *ppo_args(tiny_world, sft_run, reward_run, pretrain_run, out, reward="gold",
                                    eval_prompts="", iterations=16, rollout_batch=32, minibatch=8, lr=1e-3,
-                                   beta=0.01))
+                                   beta=0.01, ptx_coef=0, ppo_epochs=4))  # plain PPO, 4 epochs: what 16 its need
     return out
 
 
@@ -292,6 +292,33 @@ def test_bad_command_lines_fail_with_a_clear_message(tiny_world, pretrain_run, s
     args = ppo_args(tiny_world, sft_run, reward_run, pretrain_run, str(tmp_path / "out"), ptx_coef=0.1)
     args = [a for a in args if not a.startswith("--pretrain_tokens=")] + [f"--pretrain_tokens={tokens}"]
     assert_fails_clearly("ppo.py", args, str(tokens / "val.bin"), "vocabulary")
+
+
+def test_default_ppo_ptx_without_its_tokens_is_plain_ppo_and_an_explicit_one_is_an_error(
+        tiny_world, sft_run, reward_run, tmp_path, monkeypatch, capsys):
+    """PPO-ptx is on by default; with the default --pretrain_tokens missing (no pretrain.py run: a GPT-2
+    start, your own data) the default is plain PPO with one note, while a coefficient or a folder the user
+    named that cannot be used is an error naming that option."""
+    import ppo
+    missing = str(tmp_path / "runs" / "pretrain" / "tokens")
+    monkeypatch.setattr(ppo.Config, "pretrain_tokens", missing)  # "the default" as load_ptx_tokens reads it
+    vocab = types.SimpleNamespace(vocab_size=400, block_size=64)
+    assert ppo.Config.ptx_coef > 0
+    assert ppo.load_ptx_tokens(ppo.Config(pretrain_tokens=missing), vocab) is None
+    assert capsys.readouterr().out.count("note: PPO-ptx off (plain PPO, no alignment tax)") == 1
+    assert ppo.load_ptx_tokens(ppo.Config(pretrain_tokens=""), vocab) is None  # asked for: no note
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match=r"--ptx_coef=0.5 needs --pretrain_tokens"):
+        ppo.load_ptx_tokens(ppo.Config(pretrain_tokens="", ptx_coef=0.5), vocab)
+    typo = r"--pretrain_tokens=\S+/typo: PPO-ptx \(on by default\) needs \S+/typo/train.bin"
+    with pytest.raises(SystemExit, match=typo):
+        ppo.load_ptx_tokens(ppo.Config(pretrain_tokens=str(tmp_path / "typo")), vocab)
+    # setup turns the default coefficient off, so the run is plain PPO and its saved config says so
+    run = ppo.setup(ppo.Config(sft=f"{sft_run}/ckpt.pt", reward_model=f"{reward_run}/ckpt.pt",
+                               prompts=tiny_world.prompts_ppo, eval_prompts="", pretrain_tokens=missing,
+                               out_dir=str(tmp_path / "out"), device="cpu"))
+    assert run.ptx is None and run.cfg.ptx_coef == 0.0
+    assert "note: PPO-ptx off" in capsys.readouterr().out
 
 
 def test_answers_stop_at_their_first_special_token_and_the_reward_model_reads_their_text(tiny_world, sft_run,
