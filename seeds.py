@@ -92,13 +92,11 @@ def stage_lines(per_seed):
     stages = [k for k in per_seed[0].get("stage_seconds", {}) if all(k in r.get("stage_seconds", {}) for r in per_seed)]
     if not stages:
         return []
-    cell = lambda k: "{:.0f} ({:.0f}-{:.0f})".format(*(f(r["stage_seconds"][k] for r in per_seed) for f in (
-        lambda v: statistics.median(list(v)), min, max)))
+    span = lambda v: f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"
+    cells = [span([r["stage_seconds"][k] for r in per_seed]) for k in stages] + [
+        span([r["total_seconds"] for r in per_seed])]
     return ["", "Stage times in seconds, median (range) over the seeds (`runs/report.md` splits each stage further):", "",
-            "| " + " | ".join(stages) + " | total |", "|" + "---|" * (len(stages) + 1),
-            "| " + " | ".join(cell(k) for k in stages) + " | " + "{:.0f} ({:.0f}-{:.0f}) |".format(
-                statistics.median([r["total_seconds"] for r in per_seed]), min(r["total_seconds"] for r in per_seed),
-                max(r["total_seconds"] for r in per_seed))]
+            "| " + " | ".join(stages) + " | total |", "|" + "---|" * (len(stages) + 1), "| " + " | ".join(cells) + " |"]
 
 
 def family_lines(per_seed):
